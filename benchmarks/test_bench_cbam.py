@@ -1,0 +1,12 @@
+"""CBAM (channel gate then spatial gate): every provider, pass and input of the run's settings.
+
+Cases and the measurement are shared by all ops (conftest.py, op_bench.py); this file names the op.
+"""
+
+from .op_bench import benchmark_op
+
+OP = "cbam"
+
+
+def test_cbam(benchmark, op_case, bench_state):
+    benchmark_op(benchmark, op_case, bench_state)

@@ -1,0 +1,12 @@
+"""CBAM's channel gate alone: every provider, pass and input of the run's settings.
+
+Cases and the measurement are shared by all ops (conftest.py, op_bench.py); this file names the op.
+"""
+
+from .op_bench import benchmark_op
+
+OP = "channel_gate"
+
+
+def test_channel_gate(benchmark, op_case, bench_state):
+    benchmark_op(benchmark, op_case, bench_state)

@@ -1,0 +1,171 @@
+"""Which implementation of the full-size passes runs for a tensor.
+
+Backends:
+
+* ``cuda``   -- CUDA C++ kernels (``csrc/``, ``passes_cuda.py``), when the extension
+  ``cbam_kernels._C`` was built (``pip install --no-build-isolation -e .`` with nvcc) and holds
+  code for the GPU;
+* ``triton`` -- fused Triton kernels (``passes_triton.py``);
+* ``torch``  -- plain PyTorch (``passes_torch.py``), for any device and dtype.
+
+The two kernel backends take CUDA tensors of dtype float16, bfloat16 or float32.
+``CBAM_KERNELS_BACKEND=auto|cuda|triton|torch`` (read at each call) forces one; forcing a kernel
+backend that is unavailable, or for a tensor it cannot take, is an error. ``auto``, the default,
+gives such tensors the first available backend of the device's row in :data:`AUTO_ORDER`
+(fastest measured first), and PyTorch everything else (CPU tensors, float64).
+:func:`describe_backends` reports all of this for the machine.
+"""
+
+import functools
+import importlib
+import os
+from types import ModuleType
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from . import passes_torch
+
+BACKENDS = ("auto", "cuda", "triton", "torch")
+ENV_VAR = "CBAM_KERNELS_BACKEND"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Kernel backends by measured speed, fastest first, per compute capability (None: any other
+# GPU). Triton is measured (DESIGN.md, H100); the CUDA backend has not been benchmarked on a GPU
+# yet, so Triton stays first everywhere. Put "cuda" first in a device's row only once
+# benchmarks/ shows it faster there.
+AUTO_ORDER: Dict[Optional[Tuple[int, int]], Tuple[str, ...]] = {
+    (9, 0): ("triton", "cuda"),
+    None: ("triton", "cuda"),
+}
+
+
+def requested_backend() -> str:
+    """The backend named by ``CBAM_KERNELS_BACKEND`` (``auto`` when unset)."""
+    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+def triton_unavailable_reason() -> str:
+    """Why the Triton backend cannot run here, or '' when it can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return f"triton is not importable ({err})"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device (and TRITON_INTERPRET is not set)"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_error() -> str:
+    try:
+        importlib.import_module(f"{__package__}._C")
+    except ImportError as err:
+        return str(err)
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _has_kernel_image(index: int) -> bool:
+    return bool(torch.ops.cbam_kernels_cuda.has_kernel_image(index))
+
+
+def cuda_unavailable_reason(device: Optional[torch.device] = None) -> str:
+    """Why the CUDA backend cannot run on ``device`` (default: the current GPU), or ''."""
+    err = _extension_error()
+    if err:
+        return (f"the extension cbam_kernels._C is not built or does not load ({err}); build it "
+                "with nvcc present: pip install --no-build-isolation -e .")
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    if not _has_kernel_image(index):
+        major, minor = torch.cuda.get_device_capability(index)
+        return (f"cbam_kernels._C has no code for {torch.cuda.get_device_name(index)} "
+                f"(sm_{major}{minor}); rebuild with TORCH_CUDA_ARCH_LIST including {major}.{minor}")
+    return ""
+
+
+def _unavailable(name: str, device: torch.device) -> str:
+    if name == "cuda":
+        return cuda_unavailable_reason(device)
+    return triton_unavailable_reason() if name == "triton" else ""
+
+
+def _choose(name: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, str]:
+    """(backend, why) for tensors of ``dtype`` on ``device`` when ``name`` is requested."""
+    if name == "torch":
+        return "torch", f"{ENV_VAR}=torch"
+    # Triton's interpreter (TRITON_INTERPRET=1) runs the Triton kernels on CPU tensors when asked.
+    interpreted = name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    fits = (device.type == "cuda" or interpreted) and dtype in KERNEL_DTYPES
+    if name != "auto":
+        if not fits:
+            raise RuntimeError(
+                f"{ENV_VAR}={name}, but the {name} kernels need a CUDA tensor of dtype float16, "
+                f"bfloat16 or float32; got a {device.type} tensor of dtype {dtype}")
+        reason = _unavailable(name, device)
+        if reason:
+            raise RuntimeError(f"{ENV_VAR}={name}, but the {name} backend is unavailable: "
+                               f"{reason}")
+        return name, f"{ENV_VAR}={name}"
+    if not fits:
+        return "torch", "the kernels take CUDA tensors of dtype float16, bfloat16 or float32"
+    capability = torch.cuda.get_device_capability(device)
+    order = AUTO_ORDER.get(capability, AUTO_ORDER[None])
+    skipped = []
+    for candidate in order:
+        reason = _unavailable(candidate, device)
+        if not reason:
+            why = f"fastest available of {', '.join(order)} on sm_{capability[0]}{capability[1]}"
+            return candidate, why + "".join(f"; {s}" for s in skipped)
+        skipped.append(f"{candidate} unavailable: {reason}")
+    return "torch", "; ".join(skipped)
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """The backend that runs the passes for tensor ``x``: 'cuda', 'triton' or 'torch'."""
+    return _choose(requested_backend(), x.device, x.dtype)[0]
+
+
+def passes_for(x: torch.Tensor) -> ModuleType:
+    """The module implementing the passes (``passes_cuda``, ``passes_triton`` or
+    ``passes_torch``) for ``x``."""
+    name = backend_for(x)
+    if name == "torch":
+        return passes_torch
+    return importlib.import_module(f"{__package__}.passes_{name}")
+
+
+def available_backends() -> Dict[str, str]:
+    """Map each backend to 'available' or the reason it is not, for this machine (its current
+    GPU)."""
+    return {"cuda": cuda_unavailable_reason() or "available",
+            "triton": triton_unavailable_reason() or "available",
+            "torch": "available"}
+
+
+def describe_backends() -> str:
+    """A report: which backends are available (or why not), and which one runs the passes of
+    every op (CBAM, SE, ChannelGate, SpatialGate, forward and backward) for each device and
+    dtype, and why."""
+    name = requested_backend()
+    lines = [f"cbam_kernels backends ({ENV_VAR}={name}):"]
+    lines += [f"  {b:<7} {r}" for b, r in available_backends().items()]
+    lines.append("Backend of every pass of every op, by the device and dtype of its input x:")
+    devices = [("cpu", torch.device("cpu"))]
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        major, minor = torch.cuda.get_device_capability(i)
+        label = f"cuda:{i} ({torch.cuda.get_device_name(i)}, sm_{major}{minor})"
+        devices.append((label, torch.device("cuda", i)))
+    for label, device in devices:
+        for dtype in KERNEL_DTYPES + (torch.float64,):
+            try:
+                choice = "{} ({})".format(*_choose(name, device, dtype))
+            except RuntimeError as err:
+                choice = f"error: {err}"
+            lines.append(f"  {label} {str(dtype).replace('torch.', '')}: {choice}")
+    return "\n".join(lines)

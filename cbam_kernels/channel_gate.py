@@ -1,0 +1,101 @@
+"""CBAM's channel gate: y = x * sigmoid(MLP(avg_hw(x)) + MLP(max_hw(x)))."""
+
+from typing import Dict, Optional, Sequence
+
+from torch import Tensor, nn
+
+from .gate_math import ACTIVATIONS, GATES
+from .gating import apply_attention, check_input
+
+STYLES = ("official", "timm")
+POOL_TYPES = ("avg", "max")
+
+
+def hidden_width(channels: int, reduction: float, style: str) -> int:
+    """MLP width: C // r for the official CBAM (and SE); for timm C / r rounded half up, at
+    least 1 (timm's ``make_divisible(C / r, 1, round_limit=0)``)."""
+    if style == "timm":
+        width = max(1, int(channels / reduction + 0.5))
+    else:
+        width = int(channels // reduction)
+    if width < 1:
+        raise ValueError(f"channels={channels} with reduction={reduction} gives an MLP of width "
+                         f"{width}; use a smaller reduction or pass hidden_channels")
+    return width
+
+
+def check_style(style: str) -> str:
+    """Validate a parameterisation name."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    return style
+
+
+class ChannelGate(nn.Module):
+    """Channel attention of CBAM (Woo et al., 2018), fused forward and backward.
+
+    Args:
+        channels: C, the input's channel count.
+        reduction: r; the MLP's hidden width is C // r (official) or max(1, round(C / r)) (timm).
+        pool_types: any non-empty subset of ("avg", "max"); the MLP outputs are summed.
+        style: "official" -- ``mlp`` = Sequential(Flatten, Linear(C, R), ReLU, Linear(R, C)),
+            state_dict keys ``mlp.1.{weight,bias}``, ``mlp.3.{weight,bias}``; "timm" -- 1x1 convs
+            ``fc1.weight`` (R, C, 1, 1) and ``fc2.weight`` (C, R, 1, 1).
+        hidden_channels: R, overriding the width rule.
+        bias: MLP biases; default True for "official", False for "timm".
+        act: the MLP's hidden activation, "relu" (CBAM, SE) or "silu" (EfficientNet's SE).
+        gate: "sigmoid", or "hardsigmoid" (MobileNetV3's SE).
+    """
+
+    def __init__(self, channels: int, reduction: float = 16,
+                 pool_types: Sequence[str] = POOL_TYPES, style: str = "official",
+                 hidden_channels: Optional[int] = None, bias: Optional[bool] = None,
+                 act: str = "relu", gate: str = "sigmoid"):
+        super().__init__()
+        self.style = check_style(style)
+        if act not in ACTIVATIONS or gate not in GATES:
+            raise ValueError(f"act must be one of {ACTIVATIONS} and gate one of {GATES}, got "
+                             f"act={act!r}, gate={gate!r}")
+        self.act, self.gate = act, gate
+        self.channels = channels
+        self.pool_types = tuple(pool_types)
+        unknown = [p for p in self.pool_types if p not in POOL_TYPES]
+        if unknown or not self.pool_types or len(set(self.pool_types)) != len(self.pool_types):
+            raise ValueError(f"pool_types must be a non-empty subset of {POOL_TYPES} without "
+                             f"repeats, got {pool_types!r} (lp and lse pooling run only in "
+                             "cbam_kernels.reference)")
+        hidden = hidden_channels or hidden_width(channels, reduction, style)
+        bias = style == "official" if bias is None else bias
+        if style == "official":
+            self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(channels, hidden, bias=bias),
+                                     nn.ReLU(), nn.Linear(hidden, channels, bias=bias))
+        else:
+            self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)
+            self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bias)
+
+    @property
+    def hidden_channels(self) -> int:
+        """The MLP's hidden width R."""
+        return self.mlp[1].out_features if self.style == "official" else self.fc1.out_channels
+
+    def gate_args(self) -> Dict[str, object]:
+        """Keyword arguments of :func:`cbam_kernels.gate_op.attention_gate` for this gate."""
+        first, second = (self.mlp[1], self.mlp[3]) if self.style == "official" else (self.fc1,
+                                                                                     self.fc2)
+        return dict(w1=first.weight.flatten(1), b1=first.bias, w2=second.weight.flatten(1),
+                    b2=second.bias, use_avg="avg" in self.pool_types,
+                    use_max="max" in self.pool_types, act=self.act, gate=self.gate)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """x (N, C, H, W) -> x * channel attention, same dtype and memory format.
+
+        With ``residual``: relu(gated x + residual), the ResNet block epilogue, in the same pass.
+        """
+        check_input(x, self.channels, self)
+        return apply_attention(x, channel=self, residual=residual)
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, hidden_channels={self.hidden_channels}, "
+                f"pool_types={self.pool_types}, style={self.style!r}"
+                + ("" if (self.act, self.gate) == ("relu", "sigmoid")
+                   else f", act={self.act!r}, gate={self.gate!r}"))

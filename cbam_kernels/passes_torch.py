@@ -1,0 +1,156 @@
+"""The six full-size passes of CBAM and SE, in plain PyTorch.
+
+Every fused gate is the same small pipeline (see ``gate_op.py``): a few passes over the large
+activation tensor ``x`` of shape (N, C, H, W), with all other work on per-sample vectors of
+length C and maps of size H x W. This module is the portable implementation of those passes:
+it runs on any device and dtype (float64 included, so ``gradcheck`` can test the fused backward
+formula on the CPU) and is the specification that the Triton kernels in ``passes_triton.py``
+match, argument for argument.
+
+Shared conventions:
+
+* ``x`` and ``gy`` are 4-D (N, C, H, W) in any memory format; results that are full-size come
+  back in ``x``'s dtype and memory format.
+* Small results are float32 (float64 for float64 inputs): ``ca`` and ``ga``/``gm`` are (N, C),
+  ``sa`` and ``gsa`` are (N, H, W), the pooled map ``p`` and its gradient ``gp`` are (N, 2, H, W).
+* ``max_first`` says which channel of ``p`` holds the max over channels: 0 when True (the
+  official CBAM order [max, mean]), 1 when False (timm's [mean, max]).
+* Arg-max indices are int32; ties go to the first (lowest) index.
+* ``None`` for ``ca``, ``sa`` or a gradient means "that factor is absent" (SE has no spatial
+  gate, the spatial gate alone has no channel gate).
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """Accumulation dtype for ``x``: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _flat(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, C, H*W) in the accumulation dtype."""
+    return x.to(acc_dtype(x)).flatten(2)
+
+
+def _max_channel(max_first: bool) -> int:
+    return 0 if max_first else 1
+
+
+def pool_hw(x: Tensor, with_max: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Global pooling over H*W: (mean, max, argmax), each (N, C).
+
+    The mean is accumulated in float32 (pytorch/pytorch#43992). With ``with_max=False`` the max
+    and argmax are empty tensors.
+    """
+    v = _flat(x)
+    avg = v.mean(dim=2)
+    if not with_max:
+        return avg, v.new_empty(0), torch.empty(0, dtype=torch.int32, device=x.device)
+    mx, arg = _first_max(v, dim=2)
+    return avg, mx, arg
+
+
+def channel_pool(x: Tensor, ca: Optional[Tensor], max_first: bool) -> Tuple[Tensor, Tensor]:
+    """Pool x1 = x * ca over channels: the map p (N, 2, H, W) and the channel arg-max (N, H, W)."""
+    n, c, h, w = x.shape
+    v = _flat(x)
+    if ca is not None:
+        v = v * ca.unsqueeze(2)
+    mx, arg = _first_max(v, dim=1)
+    mean = v.mean(dim=1)
+    pair = (mx, mean) if max_first else (mean, mx)
+    p = torch.stack(pair, dim=1).view(n, 2, h, w)
+    return p, arg.view(n, h, w)
+
+
+def apply_gates(x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
+                residual: Optional[Tensor] = None) -> Tensor:
+    """y = x * ca[n, c] * sa[n, h, w], in x's dtype and memory format.
+
+    With ``residual`` (x's shape and dtype, any memory format), the ResNet block epilogue
+    y = relu(x * ca * sa + residual) instead.
+    """
+    y = x.to(acc_dtype(x))
+    if ca is not None:
+        y = y * ca[:, :, None, None]
+    if sa is not None:
+        y = y * sa.view(sa.shape[0], 1, x.shape[2], x.shape[3])
+    if residual is not None:
+        y = torch.relu(y + residual.to(y.dtype))
+    return _like(y, x)
+
+
+def grad_spatial(gy: Tensor, x: Tensor, ca: Optional[Tensor]) -> Tensor:
+    """gsa[n, h, w] = sum_c gy * x * ca  (N, H, W)."""
+    prod = _flat(gy) * _flat(x)
+    if ca is not None:
+        prod = prod * ca.unsqueeze(2)
+    return prod.sum(dim=1).view(x.shape[0], x.shape[2], x.shape[3])
+
+
+def grad_channel(gy: Tensor, x: Tensor, sa: Optional[Tensor], gp: Optional[Tensor],
+                 cstar: Optional[Tensor], max_first: bool) -> Tensor:
+    """gca[n, c] = sum_hw gx1 * x  (N, C), with gx1 as in :func:`grad_x1`."""
+    return (grad_x1(gy, x.shape[1], sa, gp, cstar, max_first) * _flat(x)).sum(dim=2)
+
+
+def grad_input(gy: Tensor, x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
+               gp: Optional[Tensor], cstar: Optional[Tensor], max_first: bool,
+               ga: Optional[Tensor], gm: Optional[Tensor], pstar: Optional[Tensor]) -> Tensor:
+    """gx = gx1 * ca + ga / (H*W) + gm * [hw == pstar], in x's dtype and memory format."""
+    n, c, h, w = x.shape
+    g = grad_x1(gy, c, sa, gp, cstar, max_first)
+    if ca is not None:
+        g = g * ca.unsqueeze(2)
+    if ga is not None:
+        g = g + (ga / (h * w)).unsqueeze(2)
+    if gm is not None:
+        g = g + gm.unsqueeze(2) * _one_hot(pstar, h * w, dim=2)
+    return _like(g.view(n, c, h, w), x)
+
+
+def grad_x1(gy: Tensor, channels: int, sa: Optional[Tensor], gp: Optional[Tensor],
+            cstar: Optional[Tensor], max_first: bool) -> Tensor:
+    """Gradient reaching x1 = x * ca, flattened (N, C, H*W):
+
+    gx1 = gy * sa + gp_mean / C + gp_max * [c == cstar]; terms whose inputs are None drop out.
+    """
+    g = _flat(gy)
+    n = g.shape[0]
+    if sa is not None:
+        g = g * sa.reshape(n, 1, -1)
+    if gp is not None:
+        gp = gp.reshape(n, 2, -1).to(g.dtype)
+        gmax, gmean = gp[:, _max_channel(max_first)], gp[:, 1 - _max_channel(max_first)]
+        g = g + (gmean / channels).unsqueeze(1)
+        g = g + gmax.unsqueeze(1) * _one_hot(cstar.reshape(n, -1), channels, dim=1)
+    return g
+
+
+def _first_max(v: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
+    """Max along ``dim`` with its first index (int32); NaN wins, as in torch.max."""
+    mx = v.amax(dim=dim, keepdim=True)
+    hit = (v == mx) | (v.isnan() & mx.isnan())
+    shape = [-1 if d == dim else 1 for d in range(v.dim())]
+    idx = torch.arange(v.shape[dim], device=v.device).view(shape)
+    arg = torch.where(hit, idx, v.shape[dim]).amin(dim=dim)
+    return mx.squeeze(dim), arg.clamp_max(v.shape[dim] - 1).to(torch.int32)
+
+
+def _one_hot(index: Tensor, size: int, dim: int) -> Tensor:
+    """0/1 tensor that is 1 where the position along ``dim`` equals ``index``."""
+    index = index.long().unsqueeze(dim)
+    shape = [1] * index.dim()
+    shape[dim] = size
+    return (torch.arange(size, device=index.device).view(shape) == index).float()
+
+
+def _like(v: Tensor, x: Tensor) -> Tensor:
+    """``v`` cast to x's dtype, laid out in x's memory format."""
+    out = torch.empty_like(x)
+    out.copy_(v.view(x.shape))
+    return out

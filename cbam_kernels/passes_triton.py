@@ -1,0 +1,378 @@
+"""The six full-size passes of CBAM and SE as Triton kernels.
+
+Same functions, signatures and results as :mod:`cbam_kernels.passes_torch` (the specification),
+for float16, bfloat16 and float32 ``x`` and ``gy``, accumulating in float32. Two kernels do all
+the work:
+
+* ``_reduce_kernel`` sums (and optionally takes the first arg-max of) a value over H*W or over C.
+  The value is ``x * ca * gx1(gy)`` with each factor optional, which covers ``pool_hw`` (x over
+  H*W), ``channel_pool`` (x * ca over C), ``grad_spatial`` (x * ca * gy over C) and
+  ``grad_channel`` (x * gx1 over H*W). Each program reduces one contiguous range of the reduced
+  axis for one block of the kept axis of one sample and writes float32 partials to an
+  (N, S, K) buffer; the S splits are combined with torch ops in a fixed order (no atomics, so
+  results are deterministic).
+* ``_gate_kernel`` writes ``gx1(src) * ca + ga / (H*W) + gm * [hw == pstar]``: ``grad_input``
+  with src = gy, and ``apply_gates`` (y = x * sa * ca, or the ResNet block epilogue
+  relu(x * sa * ca + residual)) with src = x and no gradient terms.
+
+``gx1 = gy * sa + gp_mean / C + gp_max * [c == cstar]`` is the gradient reaching x1 = x * ca;
+constexpr flags drop absent factors, so SE, the spatial gate alone and CBAM share the kernels.
+
+Layouts: a 4-D tensor is addressed as (N, C, H*W) with strides (sN, sC, sHW), which covers
+NCHW, channels_last and every other layout whose H and W dims merge; each kernel tile is
+[BLOCK_C, BLOCK_HW], wide along the axis that is contiguous in memory. A tensor whose H and W
+do not merge is copied once with ``.contiguous()`` (an output of such a layout is written to a
+contiguous buffer and copied into place).
+"""
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TILE = 4096             # elements per program tile
+FAST_BLOCK_MAX = 1024   # widest block along the contiguous axis
+MIXED_BLOCK_MAX = 64    # widest block along either axis when tensors disagree on the layout
+PROGRAMS_PER_SM = 4     # reductions split until they launch about this many programs per SM
+NO_INDEX = tl.constexpr(2**31 - 1)
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+@triton.jit
+def _tile(c_start, hw_start, C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Channel and position indices of a [BLOCK_C, BLOCK_HW] tile, and its in-bounds mask."""
+    c = c_start + tl.arange(0, BLOCK_C)
+    hw = hw_start + tl.arange(0, BLOCK_HW)
+    return c, hw, (c[:, None] < C) & (hw[None, :] < HW)
+
+
+@triton.jit
+def _offsets(c, hw, s_c, s_hw):
+    return c[:, None] * s_c + hw[None, :] * s_hw
+
+
+@triton.jit
+def _load_tile(ptr, n, c, hw, mask, s_n, s_c, s_hw):
+    """A tile of an (N, C, HW) tensor as float32, zero outside ``mask`` (n is int64)."""
+    return tl.load(ptr + n * s_n + _offsets(c, hw, s_c, s_hw), mask=mask, other=0).to(tl.float32)
+
+
+@triton.jit
+def _load_vec(row_ptr, idx, size):
+    return tl.load(row_ptr + idx, mask=idx < size, other=0)
+
+
+@triton.jit
+def _grad_x1(gy, n, c, hw, C, HW, sa_ptr, gp_ptr, cstar_ptr,
+             HAS_SA: tl.constexpr, HAS_GP: tl.constexpr, MAX_PLANE: tl.constexpr):
+    """gx1 = gy * sa + gp_mean / C + gp_max * [c == cstar] on a tile; absent terms drop out."""
+    g = gy
+    if HAS_SA:
+        g = g * _load_vec(sa_ptr + n * HW, hw, HW)[None, :]
+    if HAS_GP:
+        gp_row = gp_ptr + n * 2 * HW
+        g = g + (_load_vec(gp_row + (1 - MAX_PLANE) * HW, hw, HW) / C)[None, :]
+        is_max = c[:, None] == _load_vec(cstar_ptr + n * HW, hw, HW)[None, :]
+        g = g + tl.where(is_max, _load_vec(gp_row + MAX_PLANE * HW, hw, HW)[None, :], 0.0)
+    return g
+
+
+@triton.jit
+def _max_update(v, idx, valid, best, best_idx):
+    """Fold a tile into the per-lane running max: lanes scan increasing indices, take strictly
+    greater values (so the first occurrence wins) and stop at their first NaN."""
+    unset = best_idx == NO_INDEX
+    take = valid & (best == best) & ((v > best) | (v != v) | unset)
+    return tl.where(take, v, best), tl.where(take, idx, best_idx)
+
+
+@triton.jit
+def _max_finish(best, best_idx, AXIS: tl.constexpr):
+    """Reduce per-lane (max, index) along AXIS: a NaN wins, then the max; lowest index on ties."""
+    is_nan = best != best
+    nan_idx = tl.min(tl.where(is_nan, best_idx, NO_INDEX), AXIS)
+    row_max = tl.max(tl.where(is_nan, float("-inf"), best), AXIS)
+    at_max = best == tl.expand_dims(row_max, AXIS)
+    max_idx = tl.min(tl.where(at_max, best_idx, NO_INDEX), AXIS)
+    has_nan = nan_idx != NO_INDEX
+    return tl.where(has_nan, float("nan"), row_max), tl.where(has_nan, nan_idx, max_idx)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _reduce_kernel(x_ptr, gy_ptr, ca_ptr, sa_ptr, gp_ptr, cstar_ptr, sum_ptr, max_ptr, idx_ptr,
+                   C, HW, divisor, kept_blocks, splits, chunk,
+                   x_sn, x_sc, x_shw, gy_sn, gy_sc, gy_shw,
+                   OVER_C: tl.constexpr, WITH_MAX: tl.constexpr, HAS_CA: tl.constexpr,
+                   HAS_GY: tl.constexpr, HAS_SA: tl.constexpr, HAS_GP: tl.constexpr,
+                   MAX_PLANE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Partials over the range [split * chunk, (split + 1) * chunk) of the reduced axis (C when
+    OVER_C, else H*W) of v = x * ca * gx1(gy): sum / divisor, and with WITH_MAX the max of v and
+    its first index. ``chunk`` is a multiple of the reduced axis' block. Grid: N * kept_blocks *
+    splits programs; partials are (N, splits, K) with K the kept axis' length."""
+    pid = tl.program_id(0)
+    split = pid % splits
+    block = (pid // splits) % kept_blocks
+    n = (pid // (splits * kept_blocks)).to(tl.int64)
+    start = split * chunk
+    end = tl.minimum(start + chunk, C if OVER_C else HW)
+    total = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+    best = tl.full([BLOCK_C, BLOCK_HW], float("-inf"), tl.float32)
+    best_idx = tl.full([BLOCK_C, BLOCK_HW], NO_INDEX, tl.int32)
+    for pos in range(start, end, BLOCK_C if OVER_C else BLOCK_HW):
+        if OVER_C:
+            c, hw, mask = _tile(pos, block * BLOCK_HW, C, HW, BLOCK_C, BLOCK_HW)
+        else:
+            c, hw, mask = _tile(block * BLOCK_C, pos, C, HW, BLOCK_C, BLOCK_HW)
+        v = _load_tile(x_ptr, n, c, hw, mask, x_sn, x_sc, x_shw)
+        if HAS_CA:
+            v = v * _load_vec(ca_ptr + n * C, c, C)[:, None]
+        if HAS_GY:
+            gy = _load_tile(gy_ptr, n, c, hw, mask, gy_sn, gy_sc, gy_shw)
+            v = v * _grad_x1(gy, n, c, hw, C, HW, sa_ptr, gp_ptr, cstar_ptr,
+                             HAS_SA, HAS_GP, MAX_PLANE)
+        total += v
+        if WITH_MAX:
+            best, best_idx = _max_update(v, c[:, None] if OVER_C else hw[None, :], mask,
+                                         best, best_idx)
+    if OVER_C:
+        kept = block * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        K = HW
+    else:
+        kept = block * BLOCK_C + tl.arange(0, BLOCK_C)
+        K = C
+    out = (n * splits + split) * K + kept
+    AXIS: tl.constexpr = 0 if OVER_C else 1
+    tl.store(sum_ptr + out, tl.sum(total, AXIS) / divisor, mask=kept < K)
+    if WITH_MAX:
+        row_max, row_idx = _max_finish(best, best_idx, AXIS)
+        tl.store(max_ptr + out, row_max, mask=kept < K)
+        tl.store(idx_ptr + out, row_idx, mask=kept < K)
+
+
+@triton.jit
+def _gate_kernel(src_ptr, res_ptr, out_ptr, ca_ptr, sa_ptr, gp_ptr, cstar_ptr, ga_ptr, gm_ptr,
+                 pstar_ptr, C, HW, c_blocks, hw_blocks, src_sn, src_sc, src_shw,
+                 res_sn, res_sc, res_shw, out_sn, out_sc, out_shw,
+                 HAS_CA: tl.constexpr, HAS_SA: tl.constexpr, HAS_GP: tl.constexpr,
+                 MAX_PLANE: tl.constexpr, HAS_GA: tl.constexpr, HAS_GM: tl.constexpr,
+                 HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """out = gx1(src) * ca + ga / HW + gm * [hw == pstar] on one tile, then relu(out + res)
+    with HAS_RES; grid N * c_blocks * hw_blocks programs."""
+    pid = tl.program_id(0)
+    hw_block = pid % hw_blocks
+    c_block = (pid // hw_blocks) % c_blocks
+    n = (pid // (hw_blocks * c_blocks)).to(tl.int64)
+    c, hw, mask = _tile(c_block * BLOCK_C, hw_block * BLOCK_HW, C, HW, BLOCK_C, BLOCK_HW)
+    src = _load_tile(src_ptr, n, c, hw, mask, src_sn, src_sc, src_shw)
+    g = _grad_x1(src, n, c, hw, C, HW, sa_ptr, gp_ptr, cstar_ptr, HAS_SA, HAS_GP, MAX_PLANE)
+    if HAS_CA:
+        g = g * _load_vec(ca_ptr + n * C, c, C)[:, None]
+    if HAS_GA:
+        g = g + (_load_vec(ga_ptr + n * C, c, C) / HW)[:, None]
+    if HAS_GM:
+        is_max = hw[None, :] == _load_vec(pstar_ptr + n * C, c, C)[:, None]
+        g = g + tl.where(is_max, _load_vec(gm_ptr + n * C, c, C)[:, None], 0.0)
+    if HAS_RES:
+        g = g + _load_tile(res_ptr, n, c, hw, mask, res_sn, res_sc, res_shw)
+        g = tl.where(g < 0, 0.0, g)  # relu that keeps NaN, as torch.relu
+    out = out_ptr + n * out_sn + _offsets(c, hw, out_sc, out_shw)
+    tl.store(out, g.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launch helpers
+
+def _hw_stride(t: Tensor) -> Optional[int]:
+    """Stride of t's merged H*W axis, or None when its H and W dims do not merge."""
+    _, _, h, w = t.shape
+    if w == 1:
+        return t.stride(2)
+    if h == 1 or t.stride(2) == w * t.stride(3):
+        return t.stride(3)
+    return None
+
+
+def _as_nc_hw(t: Tensor) -> Tuple[Tensor, Tuple[int, int, int]]:
+    """``t`` (copied to contiguous if its H and W do not merge) and its (sN, sC, sHW) strides."""
+    assert t.dtype in KERNEL_DTYPES, f"Triton passes take float16/bfloat16/float32, got {t.dtype}"
+    if _hw_stride(t) is None:
+        t = t.contiguous()
+    strides = (t.stride(0), t.stride(1), _hw_stride(t))
+    _, c, h, w = t.shape
+    assert (c - 1) * strides[1] + (h * w - 1) * strides[2] < 2**31, \
+        "one sample spans 2**31 elements or more; int32 offsets would overflow"
+    return t, strides
+
+
+def _blocks(c: int, hw: int, *strides: Tuple[int, int, int]) -> Tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW): about TILE elements, wide along the axis that the tensors with these
+    strides store contiguously (channels for channels_last, H*W otherwise); at most
+    MIXED_BLOCK_MAX wide on either axis when the tensors disagree."""
+    c_fastest = [s_c == 1 and s_hw != 1 for _, s_c, s_hw in strides]
+    fast_max = FAST_BLOCK_MAX if len(set(c_fastest)) == 1 else MIXED_BLOCK_MAX
+    fast, slow = (c, hw) if c_fastest[0] else (hw, c)
+    block_fast = min(triton.next_power_of_2(fast), fast_max)
+    block_slow = min(triton.next_power_of_2(slow), TILE // block_fast)
+    return (block_fast, block_slow) if c_fastest[0] else (block_slow, block_fast)
+
+
+def _num_warps(block_c: int, block_hw: int) -> int:
+    return max(1, min(8, block_c * block_hw // 512))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _small(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _reduce(x: Tensor, over_c: bool, with_max: bool, divisor: int, split: Optional[int],
+            gy: Optional[Tensor] = None, ca: Optional[Tensor] = None, sa: Optional[Tensor] = None,
+            gp: Optional[Tensor] = None, cstar: Optional[Tensor] = None,
+            max_first: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Launch ``_reduce_kernel`` and combine its splits: (sum / divisor, max, first arg-max),
+    each (N, K) with K = H*W when ``over_c`` else C; max and arg-max are None without
+    ``with_max``. Splits: ``split`` if given, else enough for PROGRAMS_PER_SM programs per SM on
+    CUDA (at most one per block of the reduced axis) and 1 elsewhere."""
+    n, c, h, w = x.shape
+    assert gy is None or gy.shape == x.shape, "gy and x differ in shape"
+    x, x_strides = _as_nc_hw(x)
+    gy, gy_strides = _as_nc_hw(gy) if gy is not None else (None, x_strides)
+    length, kept = (c, h * w) if over_c else (h * w, c)
+    if x.numel() == 0:  # no launch: an empty sum is 0 and an empty mean NaN, as in torch
+        if with_max and n * kept > 0:
+            raise RuntimeError("cannot take the max over a zero-size axis")
+        sums = torch.zeros((n, kept), dtype=torch.float32, device=x.device) / divisor
+        return (sums, sums.clone(), sums.int()) if with_max else (sums, None, None)
+    block_c, block_hw = _blocks(c, h * w, x_strides, gy_strides)
+    step, kept_block = (block_c, block_hw) if over_c else (block_hw, block_c)
+    kept_blocks = triton.cdiv(kept, kept_block)
+    if split is None:
+        wanted = PROGRAMS_PER_SM * _sm_count(x.device) if x.is_cuda else 1
+        split = min(triton.cdiv(wanted, n * kept_blocks), triton.cdiv(length, step))
+    split = max(1, min(split, length))
+    step = min(step, triton.next_power_of_2(triton.cdiv(length, split)))
+    chunk = triton.cdiv(triton.cdiv(length, split), step) * step
+    splits = triton.cdiv(length, chunk)
+    block_c, block_hw = (step, kept_block) if over_c else (kept_block, step)
+
+    sums = torch.empty((n, splits, kept), dtype=torch.float32, device=x.device)
+    maxes = torch.empty_like(sums) if with_max else None
+    idx = torch.empty_like(sums, dtype=torch.int32) if with_max else None
+    _reduce_kernel[(n * kept_blocks * splits,)](
+        x, gy, _small(ca), _small(sa), _small(gp), _small(cstar), sums, maxes, idx,
+        c, h * w, divisor, kept_blocks, splits, chunk, *x_strides, *gy_strides,
+        OVER_C=over_c, WITH_MAX=with_max, HAS_CA=ca is not None, HAS_GY=gy is not None,
+        HAS_SA=sa is not None, HAS_GP=gp is not None, MAX_PLANE=0 if max_first else 1,
+        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_num_warps(block_c, block_hw))
+    if not with_max:
+        return sums.view(n, kept) if splits == 1 else sums.sum(dim=1), None, None
+    if splits == 1:
+        return sums.view(n, kept), maxes.view(n, kept), idx.view(n, kept)
+    row_max = maxes.amax(dim=1)
+    hit = (maxes == row_max[:, None]) | (maxes.isnan() & row_max.isnan()[:, None])
+    return sums.sum(dim=1), row_max, torch.where(hit, idx, NO_INDEX.value).amin(dim=1)
+
+
+# ----------------------------------------------------------------------------- the passes
+
+def pool_hw(x: Tensor, with_max: bool, *, split: Optional[int] = None
+            ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Global pooling over H*W: (mean, max, first arg-max as int32), each (N, C) float32.
+
+    With ``with_max=False`` max and arg-max are empty. ``split`` overrides the number of H*W
+    ranges reduced by separate programs (see ``_reduce``).
+    """
+    h, w = x.shape[2:]
+    avg, row_max, arg = _reduce(x, over_c=False, with_max=with_max, divisor=h * w, split=split)
+    if not with_max:
+        return avg, avg.new_empty(0), torch.empty(0, dtype=torch.int32, device=x.device)
+    return avg, row_max, arg
+
+
+def channel_pool(x: Tensor, ca: Optional[Tensor], max_first: bool, *,
+                 split: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Pool x1 = x * ca over channels: p (N, 2, H, W) float32 holding [max, mean] when
+    ``max_first`` else [mean, max], and the first channel arg-max cstar (N, H, W) int32.
+    ``split`` overrides the number of channel ranges reduced by separate programs."""
+    n, c, h, w = x.shape
+    mean, row_max, arg = _reduce(x, over_c=True, with_max=True, divisor=c, split=split, ca=ca)
+    pair = (row_max, mean) if max_first else (mean, row_max)
+    return torch.stack(pair, dim=1).view(n, 2, h, w), arg.view(n, h, w)
+
+
+def apply_gates(x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
+                residual: Optional[Tensor] = None) -> Tensor:
+    """y = x * ca[n, c] * sa[n, h, w] in x's dtype, laid out like ``torch.empty_like(x)``;
+    with ``residual`` (any layout) the block epilogue relu(x * ca * sa + residual)."""
+    return _gate(x, x, ca, sa, None, None, True, None, None, None, residual)
+
+
+def grad_spatial(gy: Tensor, x: Tensor, ca: Optional[Tensor], *,
+                 split: Optional[int] = None) -> Tensor:
+    """gsa[n, h, w] = sum_c gy * x * ca, (N, H, W) float32. ``split``: channel ranges."""
+    n, _, h, w = x.shape
+    gsa, _, _ = _reduce(x, over_c=True, with_max=False, divisor=1, split=split, gy=gy, ca=ca)
+    return gsa.view(n, h, w)
+
+
+def grad_channel(gy: Tensor, x: Tensor, sa: Optional[Tensor], gp: Optional[Tensor],
+                 cstar: Optional[Tensor], max_first: bool, *,
+                 split: Optional[int] = None) -> Tensor:
+    """gca[n, c] = sum_hw gx1 * x, (N, C) float32, with
+    gx1 = gy * sa + gp_mean / C + gp_max * [c == cstar]. ``split``: H*W ranges."""
+    assert gp is None or cstar is not None, "gp needs cstar"
+    gca, _, _ = _reduce(x, over_c=False, with_max=False, divisor=1, split=split, gy=gy, sa=sa,
+                        gp=gp, cstar=cstar, max_first=max_first)
+    return gca
+
+
+def grad_input(gy: Tensor, x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
+               gp: Optional[Tensor], cstar: Optional[Tensor], max_first: bool,
+               ga: Optional[Tensor], gm: Optional[Tensor], pstar: Optional[Tensor]) -> Tensor:
+    """gx = gx1 * ca + ga / (H*W) + gm * [hw == pstar] in x's dtype, laid out like
+    ``torch.empty_like(x)``; gx1 as in :func:`grad_channel`."""
+    assert gp is None or cstar is not None, "gp needs cstar"
+    assert gm is None or pstar is not None, "gm needs pstar"
+    return _gate(gy, x, ca, sa, gp, cstar, max_first, ga, gm, pstar)
+
+
+def _gate(src: Tensor, like: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
+          gp: Optional[Tensor], cstar: Optional[Tensor], max_first: bool, ga: Optional[Tensor],
+          gm: Optional[Tensor], pstar: Optional[Tensor],
+          residual: Optional[Tensor] = None) -> Tensor:
+    """Launch ``_gate_kernel`` on ``src`` (plus ``residual``, then relu, when given); the result
+    has the dtype and layout of ``torch.empty_like(like)`` (written via a contiguous buffer if
+    its H and W do not merge)."""
+    assert src.shape == like.shape, "gy and x differ in shape"
+    assert residual is None or residual.shape == like.shape, "residual and x differ in shape"
+    out = torch.empty_like(like)
+    if out.numel() == 0:
+        return out
+    n, c, h, w = like.shape
+    src, src_strides = _as_nc_hw(src)
+    dst = out if _hw_stride(out) is not None else torch.empty(like.shape, dtype=like.dtype,
+                                                              device=like.device)
+    dst, dst_strides = _as_nc_hw(dst)
+    residual, res_strides = _as_nc_hw(residual) if residual is not None else (None, src_strides)
+    block_c, block_hw = _blocks(c, h * w, dst_strides, src_strides, res_strides)
+    c_blocks, hw_blocks = triton.cdiv(c, block_c), triton.cdiv(h * w, block_hw)
+    _gate_kernel[(n * c_blocks * hw_blocks,)](
+        src, residual, dst, _small(ca), _small(sa), _small(gp), _small(cstar), _small(ga),
+        _small(gm), _small(pstar), c, h * w, c_blocks, hw_blocks, *src_strides, *res_strides,
+        *dst_strides, HAS_CA=ca is not None, HAS_SA=sa is not None, HAS_GP=gp is not None,
+        MAX_PLANE=0 if max_first else 1, HAS_GA=ga is not None, HAS_GM=gm is not None,
+        HAS_RES=residual is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        num_warps=_num_warps(block_c, block_hw))
+    if dst is not out:
+        out.copy_(dst)
+    return out

@@ -1,0 +1,117 @@
+"""CBAM's spatial gate: y = x * sigmoid(BN(conv_kxk([max_c(x), mean_c(x)])))."""
+
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .channel_gate import check_style
+from .gating import apply_attention, check_input
+
+BN_MOMENTUM = {"official": 0.01, "timm": 0.1}
+
+
+class ConvBN(nn.Module):
+    """conv k x k (2 -> 1, 'same' padding, no bias) followed by BatchNorm2d(1).
+
+    Holds the spatial gate's parameters under the keys ``conv.weight`` and ``bn.*``.
+    """
+
+    def __init__(self, kernel_size: int, momentum: float):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=momentum)
+
+    def forward(self, p: Tensor) -> Tensor:
+        """(N, 2, H, W) pooled map -> (N, 1, H, W) normalised logits."""
+        return self.bn(self.conv(p))
+
+
+class SpatialGate(nn.Module):
+    """Spatial attention of CBAM (Woo et al., 2018), fused forward and backward.
+
+    Args:
+        kernel_size: k, odd (7 or 3 in the paper).
+        style: "official" -- map order [max, mean], BatchNorm momentum 0.01, keys
+            ``spatial.conv.weight``, ``spatial.bn.*``; "timm" -- map order [mean, max], momentum
+            0.1, keys ``conv.conv.weight``, ``conv.bn.*``.
+
+    The BatchNorm is a real ``nn.BatchNorm2d`` submodule: training mode normalises with batch
+    statistics and updates ``running_mean``/``running_var``/``num_batches_tracked`` as
+    ``nn.BatchNorm2d`` does; eval mode uses the running statistics. After
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` (or with any other norm) the gate's small part
+    runs eagerly in training so the norm's own statistics logic applies.
+    """
+
+    def __init__(self, kernel_size: int = 7, style: str = "official"):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+        self.style = check_style(style)
+        self.kernel_size = kernel_size
+        block = ConvBN(kernel_size, BN_MOMENTUM[style])
+        if style == "official":
+            self.spatial = block
+        else:
+            self.conv = block
+
+    @property
+    def block(self) -> ConvBN:
+        """The conv + BatchNorm submodule (``spatial`` or ``conv`` depending on the style)."""
+        return self.spatial if self.style == "official" else self.conv
+
+    @property
+    def max_first(self) -> bool:
+        """Whether the pooled map is ordered [max, mean] (official) rather than [mean, max]."""
+        return self.style == "official"
+
+    def fusable(self) -> bool:
+        """True when the fused op can reproduce the norm exactly (a plain BatchNorm2d, or any
+        BatchNorm in eval mode)."""
+        bn = self.block.bn
+        return type(bn) is nn.BatchNorm2d or (
+            isinstance(bn, nn.modules.batchnorm._BatchNorm) and not bn.training
+            and bn.running_mean is not None)
+
+    def gate_args(self, x: Tensor) -> Dict[str, object]:
+        """Keyword arguments of :func:`cbam_kernels.gate_op.attention_gate` for this gate."""
+        bn = self.block.bn
+        batch_stats = bn.training or bn.running_mean is None
+        if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+            raise ValueError("Expected more than 1 value per channel when training the spatial "
+                             f"gate's BatchNorm, got input size {tuple(x.shape)}")
+        return dict(conv_w=self.block.conv.weight, bn_w=bn.weight, bn_b=bn.bias,
+                    bn_mean=None if batch_stats else bn.running_mean,
+                    bn_var=None if batch_stats else bn.running_var, bn_eps=bn.eps,
+                    batch_stats=batch_stats, max_first=self.max_first)
+
+    @torch.no_grad()
+    def update_running_stats(self, stats: Tensor, count: int) -> None:
+        """Fold the batch [mean, biased variance] of ``count`` values into the running stats."""
+        bn = self.block.bn
+        if not (bn.training and bn.track_running_stats):
+            return
+        bn.num_batches_tracked.add_(1)
+        factor = bn.momentum
+        if factor is None:  # cumulative moving average, as nn.BatchNorm2d
+            factor = (1.0 / bn.num_batches_tracked).to(bn.running_mean.dtype)
+        bn.running_mean.lerp_(stats[0:1].to(bn.running_mean.dtype), factor)
+        bn.running_var.lerp_((stats[1:2] * (count / (count - 1))).to(bn.running_var.dtype),
+                             factor)
+
+    def forward_eager(self, x: Tensor) -> Tensor:
+        """Unfused spatial gate through the submodules themselves (for norms it cannot fuse)."""
+        pair = (x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True))
+        p = torch.cat(pair if self.max_first else pair[::-1], dim=1)
+        return x * torch.sigmoid(self.block(p))
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """x (N, C, H, W) -> x * spatial attention, same dtype and memory format.
+
+        With ``residual``: relu(gated x + residual), the ResNet block epilogue, in the same pass.
+        """
+        check_input(x, None, self)
+        return apply_attention(x, spatial=self, residual=residual)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, style={self.style!r}"

@@ -1,0 +1,434 @@
+// CUDA kernels of the six full-size passes (launched by passes.cu).
+//
+// A full-size tensor is addressed as (N, O, I) with element strides (sN, sO, sI): I, the inner
+// axis, is H*W for NCHW-like layouts (CL = false) and C for channels-last ones (CL = true), so
+// both are native. With VEC > 1 every full-size tensor of a launch has sI = 1 and aligned rows,
+// and each thread moves VEC elements (16 or 8 bytes) per load or store. Arithmetic and
+// accumulation are float32. Reductions are split deterministically: each thread sums a fixed
+// set of elements in a fixed order, threads are combined by a fixed tree (warp shuffles or
+// shared memory), and chunks of the reduced axis go to a float32 partials buffer that
+// finalize_kernel combines in chunk order. There are no atomics. Offsets are 64-bit.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "passes.h"
+
+namespace cbam {
+
+constexpr int kThreads = 256;               // threads per block, every kernel
+constexpr int32_t kNoIndex = 0x7fffffff;    // arg-max of an empty range
+
+// ------------------------------------------------------------------------------ element access
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// VEC consecutive elements as float (one vector load when VEC > 1).
+template <int VEC, typename T>
+__device__ __forceinline__ void load(const T* p, float (&v)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) v[j] = to_float(pk.v[j]);
+}
+
+template <int VEC, typename T>
+__device__ __forceinline__ void store(T* p, const float (&v)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) pk.v[j] = from_float<T>(v[j]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+// VEC consecutive 4-byte values of a small tensor (16-byte loads when VEC is a multiple of 4).
+template <int VEC, typename U>
+__device__ __forceinline__ void load_small(const U* p, U (&v)[VEC]) {
+  constexpr int kStep = VEC % 4 == 0 ? 4 : 1;
+#pragma unroll
+  for (int q = 0; q < VEC; q += kStep) {
+    const Pack<U, kStep> pk = *reinterpret_cast<const Pack<U, kStep>*>(p + q);
+#pragma unroll
+    for (int j = 0; j < kStep; ++j) v[q + j] = pk.v[j];
+  }
+}
+
+// a / b for a >= 0, b > 0; 32-bit division when both fit (64-bit division is a long subroutine).
+__device__ __forceinline__ int64_t divide(int64_t a, int64_t b) {
+  return ((a | b) >> 32) == 0 ? int64_t(uint32_t(a) / uint32_t(b)) : a / b;
+}
+
+template <typename P>
+struct View {
+  P data;
+  int64_t sN, sO, sI;
+  __device__ __forceinline__ P at(int64_t n, int64_t o, int64_t i) const {
+    return data + n * sN + o * sO + i * sI;
+  }
+};
+
+struct Dims {
+  int64_t N, O, I;   // sizes of the (N, O, I) view
+  int64_t C, HW;
+  float inv_c, inv_hw;
+};
+
+// A factor indexed by (n, c), for the VEC elements at (o, i..i+VEC-1); f points at sample n.
+template <int VEC, bool CL, typename U>
+__device__ __forceinline__ void channel_factor(const U* f, int64_t o, int64_t i, U (&v)[VEC]) {
+  if constexpr (CL) {
+    load_small<VEC>(f + i, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = f[o];
+  }
+}
+
+// A factor indexed by (n, hw), likewise.
+template <int VEC, bool CL, typename U>
+__device__ __forceinline__ void pixel_factor(const U* f, int64_t o, int64_t i, U (&v)[VEC]) {
+  if constexpr (CL) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = f[o];
+  } else {
+    load_small<VEC>(f + i, v);
+  }
+}
+
+template <bool CL>
+__device__ __forceinline__ int64_t channel_of(int64_t o, int64_t i) { return CL ? i : o; }
+template <bool CL>
+__device__ __forceinline__ int64_t pixel_of(int64_t o, int64_t i) { return CL ? o : i; }
+
+// g <- gx1 = g * sa + gp_mean / C + gp_max * [c == cstar], the gradient reaching x1 = x * ca.
+template <int VEC, bool CL>
+__device__ __forceinline__ void grad_x1(const Small& f, const Dims& d, int64_t n, int64_t o,
+                                        int64_t i, float (&g)[VEC]) {
+  if (f.sa != nullptr) {
+    float s[VEC];
+    pixel_factor<VEC, CL>(f.sa + n * d.HW, o, i, s);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) g[j] *= s[j];
+  }
+  if (f.gp != nullptr) {
+    const float* gp = f.gp + 2 * n * d.HW;
+    float gmax[VEC], gmean[VEC];
+    int32_t cs[VEC];
+    pixel_factor<VEC, CL>(gp + (f.max_first ? 0 : d.HW), o, i, gmax);
+    pixel_factor<VEC, CL>(gp + (f.max_first ? d.HW : 0), o, i, gmean);
+    pixel_factor<VEC, CL>(f.cstar + n * d.HW, o, i, cs);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      g[j] += gmean[j] * d.inv_c;
+      if (channel_of<CL>(o, i + j) == cs[j]) g[j] += gmax[j];
+    }
+  }
+}
+
+// ------------------------------------------------------------------ values of the reductions
+// Each fills v with the value at (n, o, i..i+VEC-1) that its pass reduces.
+
+// pool_hw: x;  channel_pool: x * ca.
+template <typename T, int VEC, bool CL>
+struct XCa {
+  View<const T*> x;
+  const float* ca;
+  Dims d;
+  __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i,
+                                             float (&v)[VEC]) const {
+    load<VEC>(x.at(n, o, i), v);
+    if (ca != nullptr) {
+      float s[VEC];
+      channel_factor<VEC, CL>(ca + n * d.C, o, i, s);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] *= s[j];
+    }
+  }
+};
+
+// grad_spatial: gy * x * ca.
+template <typename T, int VEC, bool CL>
+struct GyXCa {
+  View<const T*> gy, x;
+  const float* ca;
+  Dims d;
+  __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i,
+                                             float (&v)[VEC]) const {
+    float xv[VEC];
+    load<VEC>(gy.at(n, o, i), v);
+    load<VEC>(x.at(n, o, i), xv);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] *= xv[j];
+    if (ca != nullptr) {
+      float s[VEC];
+      channel_factor<VEC, CL>(ca + n * d.C, o, i, s);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] *= s[j];
+    }
+  }
+};
+
+// grad_channel: gx1 * x.
+template <typename T, int VEC, bool CL>
+struct Gx1X {
+  View<const T*> gy, x;
+  Small f;
+  Dims d;
+  __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i,
+                                             float (&v)[VEC]) const {
+    float xv[VEC];
+    load<VEC>(gy.at(n, o, i), v);
+    grad_x1<VEC, CL>(f, d, n, o, i, v);
+    load<VEC>(x.at(n, o, i), xv);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] *= xv[j];
+  }
+};
+
+// ------------------------------------------------------------------------------- reductions
+
+// max with the first arg-max; NaN wins (first NaN), as torch.max.
+__device__ __forceinline__ void take_max(float& m, int32_t& a, float v, int32_t b) {
+  const bool v_nan = v != v, m_nan = m != m;
+  const bool tie = (v == m) || (v_nan && m_nan);
+  if ((v > m) || (v_nan && !m_nan) || (tie && b < a)) {
+    m = v;
+    a = b;
+  }
+}
+
+// Where a reduction writes the result of chunk s for kept index k of sample n:
+// sum * scale to sum[s * s_stride + n * n_stride + k], and likewise max and arg.
+struct Sink {
+  float* sum;
+  float* max;
+  int32_t* arg;
+  int64_t s_stride, n_stride, arg_n_stride;
+  float scale;
+  template <bool kMax>
+  __device__ __forceinline__ void put(int64_t s, int64_t n, int64_t k, float acc, float m,
+                                      int32_t a) const {
+    sum[s * s_stride + n * n_stride + k] = acc * scale;
+    if constexpr (kMax) {
+      max[s * s_stride + n * n_stride + k] = m;
+      arg[s * s_stride + n * arg_n_stride + k] = a;
+    }
+  }
+};
+
+// Reduce along the inner (contiguous) axis: a group of G lanes (G a power of two <= 32) takes
+// one chunk of one (n, o) row, VEC elements per load, and combines its lanes with warp shuffles.
+// Groups are numbered row-fastest, so neighbouring groups read neighbouring rows.
+// Traffic: one read of each full-size input; writes N * O * S sums (and max, arg).
+template <bool kMax, int VEC, typename Value>
+__global__ void __launch_bounds__(kThreads)
+    reduce_inner_kernel(const Value value, int G, int64_t chunk, int64_t S, const Sink sink) {
+  const Dims& d = value.d;
+  const int lane = threadIdx.x % G;
+  const int64_t rows = d.N * d.O;
+  const int64_t group = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / G;
+  const bool live = group < rows * S;
+  const int64_t s = divide(group, rows), row = group - s * rows;
+  const int64_t n = divide(row, d.O), o = row - n * d.O;
+  float acc = 0.f, m = -INFINITY;
+  int32_t a = kNoIndex;
+  if (live) {
+    const int64_t end = min(d.I, (s + 1) * chunk);
+    for (int64_t i = s * chunk + int64_t(lane) * VEC; i < end; i += int64_t(G) * VEC) {
+      float v[VEC];
+      value(n, o, i, v);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        acc += v[j];
+        if constexpr (kMax) take_max(m, a, v[j], int32_t(i + j));
+      }
+    }
+  }
+  for (int off = G / 2; off > 0; off /= 2) {
+    acc += __shfl_xor_sync(0xffffffffu, acc, off, G);
+    if constexpr (kMax) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, off, G);
+      const int32_t a2 = __shfl_xor_sync(0xffffffffu, a, off, G);
+      take_max(m, a, m2, a2);
+    }
+  }
+  if (live && lane == 0) sink.put<kMax>(s, n, o, acc, m, a);
+}
+
+// Reduce along the outer axis: a (TX, TY) block takes TX * VEC inner positions of one sample and
+// one chunk of the outer axis; each thread walks every TY-th outer index of the chunk, then row
+// ty = 0 adds up the TY partials from shared memory in order.
+// Traffic: one read of each full-size input; writes N * I * S sums (and max, arg).
+template <bool kMax, int VEC, typename Value>
+__global__ void __launch_bounds__(kThreads)
+    reduce_outer_kernel(const Value value, int64_t tiles, int64_t chunk, const Sink sink) {
+  __shared__ float s_acc[kThreads * VEC];
+  __shared__ float s_max[kMax ? kThreads * VEC : 1];
+  __shared__ int32_t s_arg[kMax ? kThreads * VEC : 1];
+  const Dims& d = value.d;
+  const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
+  const int64_t n = divide(blockIdx.x, tiles), tile = blockIdx.x - n * tiles, s = blockIdx.y;
+  const int64_t i = (tile * TX + tx) * VEC;
+  const bool live = i < d.I;
+  float acc[VEC], m[VEC];
+  int32_t a[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    acc[j] = 0.f;
+    m[j] = -INFINITY;
+    a[j] = kNoIndex;
+  }
+  if (live) {
+    const int64_t end = min(d.O, (s + 1) * chunk);
+    for (int64_t o = s * chunk + ty; o < end; o += TY) {
+      float v[VEC];
+      value(n, o, i, v);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        acc[j] += v[j];
+        if constexpr (kMax) take_max(m[j], a[j], v[j], int32_t(o));
+      }
+    }
+  }
+  const int t = (ty * TX + tx) * VEC;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    s_acc[t + j] = acc[j];
+    if constexpr (kMax) {
+      s_max[t + j] = m[j];
+      s_arg[t + j] = a[j];
+    }
+  }
+  __syncthreads();
+  if (ty != 0 || !live) return;
+  for (int k = 1; k < TY; ++k) {
+    const int u = (k * TX + tx) * VEC;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      acc[j] += s_acc[u + j];
+      if constexpr (kMax) take_max(m[j], a[j], s_max[u + j], s_arg[u + j]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) sink.put<kMax>(s, n, i + j, acc[j], m[j], a[j]);
+}
+
+// Combine S chunk partials ([S][N][K] float32 sums, max, int32 arg) in chunk order, one thread
+// per (n, k). Traffic: reads S * N * K partials, writes N * K results.
+template <bool kMax>
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(const float* part_sum, const float* part_max, const int32_t* part_arg,
+                    int64_t S, int64_t N, int64_t K, const Sink sink) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= N * K) return;
+  float acc = 0.f, m = -INFINITY;
+  int32_t a = kNoIndex;
+  for (int64_t s = 0; s < S; ++s) {
+    acc += part_sum[s * N * K + idx];
+    if constexpr (kMax) take_max(m, a, part_max[s * N * K + idx], part_arg[s * N * K + idx]);
+  }
+  const int64_t n = divide(idx, K);
+  sink.put<kMax>(0, n, idx - n * K, acc, m, a);
+}
+
+// ----------------------------------------------------------------------------- elementwise
+
+// y = x * ca * sa, or relu(x * ca * sa + residual) (the ResNet block epilogue; NaN stays NaN).
+template <typename T, int VEC, bool CL>
+struct ApplyGates {
+  View<const T*> x, residual;  // residual.data == nullptr: absent
+  View<T*> y;
+  Small f;
+  Dims d;
+  __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i) const {
+    float v[VEC], s[VEC];
+    load<VEC>(x.at(n, o, i), v);
+    if (f.ca != nullptr) {
+      channel_factor<VEC, CL>(f.ca + n * d.C, o, i, s);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] *= s[j];
+    }
+    if (f.sa != nullptr) {
+      pixel_factor<VEC, CL>(f.sa + n * d.HW, o, i, s);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] *= s[j];
+    }
+    if (residual.data != nullptr) {
+      load<VEC>(residual.at(n, o, i), s);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] = v[j] + s[j] < 0.f ? 0.f : v[j] + s[j];
+    }
+    store<VEC>(y.at(n, o, i), v);
+  }
+};
+
+// gx = gx1 * ca + ga / HW + gm * [hw == pstar]  (x itself is not read).
+template <typename T, int VEC, bool CL>
+struct GradInput {
+  View<const T*> gy;
+  View<T*> gx;
+  Small f;
+  Dims d;
+  __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i) const {
+    float g[VEC], s[VEC];
+    load<VEC>(gy.at(n, o, i), g);
+    grad_x1<VEC, CL>(f, d, n, o, i, g);
+    if (f.ca != nullptr) {
+      channel_factor<VEC, CL>(f.ca + n * d.C, o, i, s);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) g[j] *= s[j];
+    }
+    if (f.ga != nullptr) {
+      channel_factor<VEC, CL>(f.ga + n * d.C, o, i, s);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) g[j] += s[j] * d.inv_hw;
+    }
+    if (f.gm != nullptr) {
+      int32_t ps[VEC];
+      channel_factor<VEC, CL>(f.gm + n * d.C, o, i, s);
+      channel_factor<VEC, CL>(f.pstar + n * d.C, o, i, ps);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if (pixel_of<CL>(o, i + j) == ps[j]) g[j] += s[j];
+      }
+    }
+    store<VEC>(gx.at(n, o, i), g);
+  }
+};
+
+// One pass over the (N, O, I) index space: a (TX, TY) block takes TY rows (n, o) at a time and
+// walks each along I, VEC elements per thread; blockIdx.y splits I when there are few rows.
+// Traffic: one read of each full-size input of Op (x and the residual, or gy), one write.
+template <int VEC, typename Op>
+__global__ void __launch_bounds__(kThreads) elementwise_kernel(const Op op) {
+  const Dims& d = op.d;
+  const int64_t rows = d.N * d.O;
+  const int64_t i0 = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  const int64_t i_step = int64_t(gridDim.y) * blockDim.x * VEC;
+  for (int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; row < rows;
+       row += int64_t(gridDim.x) * blockDim.y) {
+    const int64_t n = divide(row, d.O), o = row - n * d.O;
+    for (int64_t i = i0; i < d.I; i += i_step) op(n, o, i);
+  }
+}
+
+}  // namespace cbam

@@ -1,0 +1,110 @@
+"""Build script for cbam_kernels.
+
+The package is Python (its Triton kernels compile at first use) plus an optional CUDA C++
+extension, ``cbam_kernels._C`` (``csrc/``), built with torch's ``CUDAExtension`` and ninja when
+nvcc and a CUDA-enabled torch are present. Without it the package installs as pure Python and
+prints one line saying why. This file imports torch, so install with
+
+    pip install --no-build-isolation -e .
+
+Environment switches, read when this file runs:
+
+    CBAM_KERNELS_BUILD_CUDA  auto (default): build _C when torch (with CUDA) and nvcc are found,
+                             else install pure Python; 1: build _C or fail; 0: never build it
+    TORCH_CUDA_ARCH_LIST     compute capabilities to build for, default "8.0;8.6;8.9;9.0";
+                             one ("9.0") builds about 4x faster; "+PTX" adds forward-compat PTX
+    DEBUG                    1: -O0 -g -lineinfo (host -O0 -g); default -O3
+    MAX_JOBS                 parallel compile jobs (torch's default: one per CPU core)
+    CUDA_HOME                the CUDA toolkit; default: CUDA_PATH, then the toolkit of the nvcc
+                             on PATH or /usr/local/cuda, whichever has the CUDA headers
+"""
+
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+BUILD_CUDA = os.environ.get("CBAM_KERNELS_BUILD_CUDA", "auto").strip().lower()
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
+DEBUG = os.environ.get("DEBUG", "0") == "1"
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+os.chdir(HERE)  # setuptools resolves package and source paths against the working directory
+
+
+def find_cuda_home():
+    """The CUDA toolkit root: CUDA_HOME, CUDA_PATH, or the first candidate with the headers."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for path in candidates + ["/usr/local/cuda"]:
+        if os.path.exists(os.path.join(path, "include", "cuda_runtime.h")):
+            return path
+    return None
+
+
+def cuda_extension():
+    """(ext_modules, cmdclass) for _C, or raise RuntimeError saying why it cannot be built."""
+    try:
+        import torch
+    except ImportError as err:
+        raise RuntimeError(f"torch is not importable ({err}); install with "
+                           "--no-build-isolation next to an installed torch") from None
+    if torch.version.cuda is None:
+        raise RuntimeError(f"torch {torch.__version__} was built without CUDA")
+    cuda_home = find_cuda_home()
+    if cuda_home is None or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        raise RuntimeError("nvcc not found (set CUDA_HOME)")
+    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension when imported
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+    ext = CUDAExtension(
+        name="cbam_kernels._C",
+        sources=["csrc/bindings.cpp", "csrc/passes.cu"],
+        extra_compile_args={
+            "cxx": opt + ["-Wall"],
+            "nvcc": opt + (["-lineinfo"] if DEBUG else []) + ["-Xcompiler=-Wall"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+def extensions():
+    if BUILD_CUDA not in ("auto", "1", "0"):
+        raise SystemExit(f"CBAM_KERNELS_BUILD_CUDA={BUILD_CUDA!r}: use auto, 1 or 0")
+    if BUILD_CUDA == "0":
+        print("cbam_kernels: installing pure Python (CBAM_KERNELS_BUILD_CUDA=0)", file=sys.stderr)
+        return [], {}
+    try:
+        return cuda_extension()
+    except RuntimeError as err:
+        if BUILD_CUDA == "1":
+            raise SystemExit(f"cbam_kernels: CBAM_KERNELS_BUILD_CUDA=1 but {err}")
+        print(f"cbam_kernels: installing pure Python, without cbam_kernels._C: {err}",
+              file=sys.stderr)
+        return [], {}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="cbam_kernels",
+    version="0.1.0",
+    description="Fused CBAM and Squeeze-and-Excitation attention for CNNs (forward and backward)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["cbam_kernels", "cbam_kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "torchvision", "timm"],
+        "bench": ["pytest-benchmark", "matplotlib", "torchvision"],
+    },
+)

@@ -1,0 +1,96 @@
+"""Bad input gets a clear error; edge cases (N=0, NaN, Inf, ties) behave as documented."""
+
+import pytest
+import torch
+
+from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate
+from cbam_kernels.reference import OfficialCBAM
+
+MODULES = {"cbam": lambda: CBAM(8, 2), "se": lambda: SE(8, 2),
+           "channel": lambda: ChannelGate(8, 2), "spatial": lambda: SpatialGate()}
+
+
+@pytest.fixture(params=sorted(MODULES))
+def module(request):
+    return MODULES[request.param]()
+
+
+def test_not_4d(module):
+    with pytest.raises(ValueError, match="4-D input"):
+        module(torch.randn(2, 8, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.complex64])
+def test_non_float_dtype(module, dtype):
+    with pytest.raises(TypeError, match="floating-point"):
+        module(torch.zeros(2, 8, 3, 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("name", ["cbam", "se", "channel"])
+def test_channel_mismatch(name):
+    with pytest.raises(ValueError, match="built for 8 channels.*got an input with 6"):
+        MODULES[name]()(torch.randn(2, 6, 3, 3))
+
+
+def test_device_mismatch(module):
+    with pytest.raises(RuntimeError, match="input is on meta but parameter"):
+        module(torch.randn(2, 8, 3, 3, device="meta"))
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="width 0"):
+        CBAM(8, 16)
+    with pytest.raises(ValueError, match="style"):
+        CBAM(8, 2, style="keras")
+    with pytest.raises(ValueError, match="lp and lse"):
+        ChannelGate(8, 2, pool_types=("avg", "lp"))
+    with pytest.raises(ValueError, match="odd"):
+        SpatialGate(4)
+    with pytest.raises(ValueError, match="act must be one of"):
+        SE(8, 2, act="gelu")
+
+
+def test_train_on_single_value_fails_like_batchnorm():
+    with pytest.raises(ValueError, match="more than 1 value"):
+        SpatialGate().train()(torch.randn(1, 3, 1, 1))
+
+
+def test_residual_must_match():
+    with pytest.raises(ValueError, match="residual must match"):
+        CBAM(8, 2)(torch.randn(2, 8, 3, 3), residual=torch.randn(2, 8, 3, 4))
+
+
+def test_empty_batch(device_backend, module):
+    x = torch.randn(0, 8, 5, 5, device=device_backend).to(memory_format=torch.channels_last)
+    y = module.to(device_backend)(x)
+    assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_inf_propagate_as_reference(device_backend, value):
+    ref = OfficialCBAM(8, 2).eval()
+    ours = CBAM(8, 2).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 8, 5, 5)
+    x[1, 3, 2, 2] = value
+    want = ref(x)
+    got = ours.to(device_backend)(x.to(device_backend)).cpu()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.isinf(), want.isinf())
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+
+
+def test_max_ties_pick_first_index(device_backend):
+    """All-equal maps: the max gradient goes to one element, the first, every time."""
+    gate = ChannelGate(4, 2, pool_types=("max",)).to(device_backend)
+    x = torch.ones(1, 4, 3, 3, device=device_backend, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        x.grad = None
+        gate(x).sum().backward()
+        grads.append(x.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+    # The gradient reaching the pooled max lands on hw = 0 only: it differs from the rest.
+    g = grads[0].flatten(2)
+    assert (g[:, :, 1:] == g[:, :, 1:2]).all() and not torch.equal(g[:, :, 0], g[:, :, 1])
