@@ -122,8 +122,11 @@ def spatial_backward(gsa: Tensor, sa: Tensor, p: Tensor, xhat: Tensor, var: Tens
     gu = (gxhat * rstd).unsqueeze(1)
     pad = conv_w.shape[-1] // 2
     w = conv_w.to(gu.dtype)
-    gp = torch.nn.grad.conv2d_input(p.shape, w, gu, padding=pad)
-    gconv = torch.nn.grad.conv2d_weight(p, w.shape, gu, padding=pad)
+    # Both conv gradients as forward convolutions, which are deterministic (cuDNN's backward
+    # kernels may use atomics): gp correlates gu with the flipped kernel; gconv correlates each
+    # channel of p with gu, the batch acting as the summed channel axis.
+    gp = F.conv2d(gu, w.flip(2, 3).transpose(0, 1), padding=pad)
+    gconv = F.conv2d(p.transpose(0, 1), gu.transpose(0, 1), padding=pad).transpose(0, 1)
     grads = [gconv, gbn_w, gbn_b]
     params = [conv_w, bn_w, bn_b]
     return gp, [None if g is None else g.to(q.dtype) for g, q in zip(grads, params)]

@@ -132,13 +132,10 @@ def grad_x1(gy: Tensor, channels: int, sa: Optional[Tensor], gp: Optional[Tensor
 
 
 def _first_max(v: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
-    """Max along ``dim`` with its first index (int32); NaN wins, as in torch.max."""
-    mx = v.amax(dim=dim, keepdim=True)
-    hit = (v == mx) | (v.isnan() & mx.isnan())
-    shape = [-1 if d == dim else 1 for d in range(v.dim())]
-    idx = torch.arange(v.shape[dim], device=v.device).view(shape)
-    arg = torch.where(hit, idx, v.shape[dim]).amin(dim=dim)
-    return mx.squeeze(dim), arg.clamp_max(v.shape[dim] - 1).to(torch.int32)
+    """Max along ``dim`` and its index (int32): torch.max, which returns the first maximal
+    index on ties and the first NaN's value and index when there is one."""
+    mx, arg = v.max(dim=dim)
+    return mx, arg.to(torch.int32)
 
 
 def _one_hot(index: Tensor, size: int, dim: int) -> Tensor:

@@ -5,12 +5,10 @@ schema, the package works without the extension, and the backend report and
 ``CBAM_KERNELS_BACKEND`` validation behave. The extension is optional, so its tests skip when it
 was not built, unless ``CBAM_KERNELS_BUILD_CUDA=1`` says that it must have been (then they fail).
 
-With a GPU (skipped otherwise): every pass of ``passes_cuda`` against its specification
-``passes_torch`` on awkward shapes, in float32/float16/bfloat16, NCHW and channels_last, gy in
-another format, odd strides, ties, NaN and empty tensors; bitwise determinism; CUDA graph capture
-and replay of a CBAM forward+backward; a non-default stream; a tensor of more than 2**31
-elements. Both sides of a comparison get the same inputs and accumulate in float32, so float32
-results agree to ~1e-5 and full-size low-precision outputs to one ulp of their dtype.
+With a GPU (skipped otherwise): the ops name bad arguments; bitwise determinism; CUDA graph
+capture and replay of a CBAM forward+backward; a non-default stream; a tensor of more than 2**31
+elements. The results of every pass against its specification ``passes_torch`` are tested in
+``test_passes.py``, for this backend and the Triton one.
 """
 
 import inspect
@@ -24,6 +22,8 @@ import torch
 import cbam_kernels
 from cbam_kernels import backend
 from cbam_kernels import passes_torch as ref
+from pass_testing import (DEVICE, GATES, grad_channel_args, grad_input_args, poison_free_memory,
+                          rand_full, rand_small, to_layout)
 
 try:
     import cbam_kernels._C  # noqa: F401
@@ -41,7 +41,6 @@ needs_gpu = pytest.mark.skipif(not GPU, reason=f"CUDA backend unusable here: {GP
 if GPU:
     from cbam_kernels import passes_cuda as cu
 
-DEVICE = "cuda"
 PASSES = ("pool_hw", "channel_pool", "apply_gates", "grad_spatial", "grad_channel", "grad_input")
 SCHEMAS = {
     "pool_hw": "pool_hw(Tensor x, bool with_max) -> (Tensor, Tensor, Tensor)",
@@ -202,288 +201,26 @@ def test_describe_backends(monkeypatch):
         in backend.describe_backends()
 
 
-# ----------------------------------------------------------------------- passes on a GPU
-
-SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 17, 3, 3), (3, 20, 1, 1), (2, 33, 9, 11),
-          (2, 12, 16, 16), (2, 8, 64, 64), (2, 512, 4, 4), (1, 4096, 2, 2)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-RTOL = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # ~1 ulp
-LAYOUT_PAIRS = [("nchw", "nchw"), ("cl", "cl"), ("nchw", "cl"), ("cl", "nchw")]
-# Optional inputs of the backward passes per gate (cstar comes with gp, pstar with gm).
-GATES = {
-    "se": ("ca", "ga"),
-    "channel": ("ca", "ga", "gm"),
-    "channel_max_only": ("ca", "gm"),
-    "spatial": ("sa", "gp"),
-    "cbam": ("ca", "sa", "gp", "ga", "gm"),
-}
+# ------------------------------------------------------------------------- passes on a GPU
+# The passes' results against passes_torch are in test_passes.py, for both kernel backends.
 
 
 @pytest.fixture(autouse=True)
 def _poison():
-    """Fill the caching allocator's free blocks with NaN, so that an output element a kernel
-    does not write shows up."""
-    if GPU:
-        poison = [torch.full((1 << 24,), float("nan"), device=DEVICE)]  # large-block pool
-        poison += [torch.full((1 << 17,), float("nan"), device=DEVICE) for _ in range(16)]
-        poison.clear()
-
-
-def _layout(t, layout):
-    return t.contiguous(memory_format=torch.channels_last) if layout == "cl" else t.contiguous()
-
-
-def _x(shape, dtype, layout="nchw", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return _layout(torch.randn(shape, generator=g).to(dtype).to(DEVICE), layout)
-
-
-def _small(shape, names, seed=1):
-    """The small inputs named in ``names`` (others None); cstar/pstar come with gp/gm."""
-    n, c, h, w = shape
-    g = torch.Generator().manual_seed(seed)
-    make = {
-        "ca": lambda: torch.rand(n, c, generator=g),
-        "sa": lambda: torch.rand(n, h, w, generator=g),
-        "gp": lambda: torch.randn(n, 2, h, w, generator=g),
-        "cstar": lambda: torch.randint(0, max(c, 1), (n, h, w), generator=g, dtype=torch.int32),
-        "ga": lambda: torch.randn(n, c, generator=g),
-        "gm": lambda: torch.randn(n, c, generator=g),
-        "pstar": lambda: torch.randint(0, max(h * w, 1), (n, c), generator=g, dtype=torch.int32),
-    }
-    partner = {"gp": "cstar", "gm": "pstar"}
-    wanted = set(names) | {partner[k] for k in names if k in partner}
-    return {k: make[k]().to(DEVICE) if k in wanted else None for k in make}
-
-
-def _check_small(out, expected):
-    assert out.shape == expected.shape and out.dtype == expected.dtype and out.is_contiguous()
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-
-
-def _check_full(out, expected, x):
-    assert out.dtype == x.dtype and out.shape == x.shape
-    assert out.stride() == torch.empty_like(x).stride()
-    torch.testing.assert_close(out, expected, rtol=RTOL[x.dtype], atol=1e-5)
-
-
-@needs_gpu
-@pytest.mark.parametrize("layout", ["nchw", "cl"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_pool_hw(shape, dtype, layout):
-    x = _x(shape, dtype, layout)
-    avg, mx, arg = cu.pool_hw(x, True)
-    ravg, rmx, rarg = ref.pool_hw(x, True)
-    _check_small(avg, ravg)
-    _check_small(mx, rmx)
-    assert torch.equal(arg, rarg)
-    avg, mx, arg = cu.pool_hw(x, False)
-    _check_small(avg, ravg)
-    assert mx.shape == (0,) and mx.dtype == torch.float32
-    assert arg.shape == (0,) and arg.dtype == torch.int32
-
-
-@needs_gpu
-@pytest.mark.parametrize("with_ca", [False, True])
-@pytest.mark.parametrize("layout", ["nchw", "cl"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_channel_pool(shape, dtype, layout, with_ca):
-    x = _x(shape, dtype, layout)
-    ca = _small(shape, ["ca"] if with_ca else [])["ca"]
-    for max_first in (True, False):
-        p, cstar = cu.channel_pool(x, ca, max_first)
-        rp, rcstar = ref.channel_pool(x, ca, max_first)
-        _check_small(p, rp)
-        assert torch.equal(cstar, rcstar)
-
-
-@needs_gpu
-@pytest.mark.parametrize("gates", [(), ("ca",), ("sa",), ("ca", "sa")])
-@pytest.mark.parametrize("layout", ["nchw", "cl"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_apply_gates(shape, dtype, layout, gates):
-    x = _x(shape, dtype, layout)
-    s = _small(shape, gates)
-    _check_full(cu.apply_gates(x, s["ca"], s["sa"]), ref.apply_gates(x, s["ca"], s["sa"]), x)
-
-
-@needs_gpu
-@pytest.mark.parametrize("layouts", LAYOUT_PAIRS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_apply_gates_residual_epilogue(shape, dtype, layouts):
-    """relu(x * ca * sa + residual), the residual in x's layout or the other one; NaN kept."""
-    x = _x(shape, dtype, layouts[0])
-    residual = _x(shape, dtype, layouts[1], seed=2)
-    residual[0, 0, 0, 0] = float("nan")
-    s = _small(shape, ("ca", "sa"))
-    out = cu.apply_gates(x, s["ca"], s["sa"], residual)
-    expected = ref.apply_gates(x, s["ca"], s["sa"], residual)
-    assert out.stride() == torch.empty_like(x).stride()
-    torch.testing.assert_close(out, expected, rtol=RTOL[dtype], atol=1e-5, equal_nan=True)
-    assert out.isnan().sum() == 1 and (out >= 0).sum() == out.numel() - 1
-
-
-@needs_gpu
-@pytest.mark.parametrize("with_ca", [False, True])
-@pytest.mark.parametrize("layouts", LAYOUT_PAIRS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_grad_spatial(shape, dtype, layouts, with_ca):
-    x, gy = _x(shape, dtype, layouts[0]), _x(shape, dtype, layouts[1], seed=2)
-    ca = _small(shape, ["ca"] if with_ca else [])["ca"]
-    _check_small(cu.grad_spatial(gy, x, ca), ref.grad_spatial(gy, x, ca))
-
-
-@needs_gpu
-@pytest.mark.parametrize("terms", [(), ("sa",), ("gp",), ("sa", "gp")])
-@pytest.mark.parametrize("layouts", LAYOUT_PAIRS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_grad_channel(shape, dtype, layouts, terms):
-    x, gy = _x(shape, dtype, layouts[0]), _x(shape, dtype, layouts[1], seed=2)
-    s = _small(shape, terms)
-    for max_first in (True, False):
-        args = (gy, x, s["sa"], s["gp"], s["cstar"], max_first)
-        _check_small(cu.grad_channel(*args), ref.grad_channel(*args))
-
-
-@needs_gpu
-@pytest.mark.parametrize("gate", sorted(GATES))
-@pytest.mark.parametrize("layouts", LAYOUT_PAIRS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_grad_input(shape, dtype, layouts, gate):
-    x, gy = _x(shape, dtype, layouts[0]), _x(shape, dtype, layouts[1], seed=2)
-    s = _small(shape, GATES[gate])
-    for max_first in (True, False):
-        args = (gy, x, s["ca"], s["sa"], s["gp"], s["cstar"], max_first, s["ga"], s["gm"],
-                s["pstar"])
-        _check_full(cu.grad_input(*args), ref.grad_input(*args), x)
-
-
-def _odd_layout(name, shape, seed=0):
-    """A float32 tensor of ``shape`` in the layout ``name`` (neither NCHW nor channels_last)."""
-    n, c, h, w = shape
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, 2 * c, h + 2, 2 * w + 1, generator=g).to(DEVICE)
-    x = {
-        "sliced": lambda: base[:, ::2, :h, :-1].contiguous()[..., ::2],  # H, W merge, sHW = 2
-        "sliced_odd_w": lambda: base[:, :c, :h, 1::2],          # H, W do not merge: copied
-        "h_is_1": lambda: base[:, :c, 1:2, :w],                 # H == 1, unrelated H stride
-        "w_is_1": lambda: base[:, :c, :h, 2:3],                 # W == 1, unrelated W stride
-        "permuted_dense": lambda: base[:, :c, :h, :w].permute(0, 2, 1, 3).contiguous()
-                                                     .permute(0, 2, 1, 3),  # copied, out too
-        "expanded": lambda: base[:, :c, :1, :1].expand(shape),  # H*W stride 0
-    }[name]()
-    assert x.shape == shape
-    return x
-
-
-@needs_gpu
-@pytest.mark.parametrize("name", ["sliced", "sliced_odd_w", "h_is_1", "w_is_1",
-                                  "permuted_dense", "expanded"])
-def test_odd_layouts(name):
-    shape = {"h_is_1": (2, 6, 1, 5), "w_is_1": (2, 6, 3, 1)}.get(name, (2, 6, 3, 5))
-    x = _odd_layout(name, shape)
-    gy = _odd_layout("sliced" if name == "permuted_dense" else "permuted_dense", shape, seed=1)
-    s = _small(shape, GATES["cbam"])
-    for out, expected in zip(cu.pool_hw(x, True), ref.pool_hw(x, True)):
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    for out, expected in zip(cu.channel_pool(x, s["ca"], False),
-                             ref.channel_pool(x, s["ca"], False)):
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    _check_full(cu.apply_gates(x, s["ca"], s["sa"]), ref.apply_gates(x, s["ca"], s["sa"]), x)
-    _check_full(cu.apply_gates(x, s["ca"], s["sa"], gy), ref.apply_gates(x, s["ca"], s["sa"], gy),
-                x)
-    _check_small(cu.grad_spatial(gy, x, s["ca"]), ref.grad_spatial(gy, x, s["ca"]))
-    args = (gy, x, s["sa"], s["gp"], s["cstar"], True)
-    _check_small(cu.grad_channel(*args), ref.grad_channel(*args))
-    args = (gy, x, s["ca"], s["sa"], s["gp"], s["cstar"], True, s["ga"], s["gm"], s["pstar"])
-    _check_full(cu.grad_input(*args), ref.grad_input(*args), x)
-
-
-@needs_gpu
-@pytest.mark.parametrize("shape", [(2, 33, 9, 11), (1, 4096, 2, 2), (2, 8, 64, 64)])
-@pytest.mark.parametrize("layout", ["nchw", "cl"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_ties_pick_first_index(dtype, layout, shape):
-    n, c, h, w = shape
-    g = torch.Generator().manual_seed(3)
-    x = torch.randint(-2, 2, shape, generator=g).float()
-    x[0, c // 2] = float("-inf")                  # a channel that is -inf everywhere
-    x[-1, :, h // 2, w // 2] = float("-inf")      # a position that is -inf in every channel
-    x = _layout(x.to(dtype).to(DEVICE), layout)
-    ca = torch.randint(1, 3, (n, c), generator=g).float().to(DEVICE)
-    _, mx, arg = cu.pool_hw(x, True)
-    _, rmx, rarg = ref.pool_hw(x, True)
-    assert torch.equal(mx, rmx) and torch.equal(arg, rarg)
-    for ca_ in (None, ca):
-        p, cstar = cu.channel_pool(x, ca_, True)
-        rp, rcstar = ref.channel_pool(x, ca_, True)
-        assert torch.equal(p[:, 0], rp[:, 0]) and torch.equal(cstar, rcstar)
-
-
-@needs_gpu
-@pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_nan_propagates_to_max(layout):
-    n, c, h, w = shape = (2, 33, 9, 11)
-    x = torch.randn(shape)
-    x[0, 3, 4, 5] = x[0, 3, 8, 10] = float("nan")  # two NaNs in one (n, c) row / one position
-    x[0, 20, 8, 10] = float("nan")
-    x[1, :, 0, 0] = float("nan")                   # a whole position, so every channel row
-    x = _layout(x.to(DEVICE), layout)
-    _, mx, arg = cu.pool_hw(x, True)
-    _, rmx, rarg = ref.pool_hw(x, True)
-    torch.testing.assert_close(mx, rmx, equal_nan=True)
-    assert torch.equal(arg, rarg)
-    p, cstar = cu.channel_pool(x, None, False)
-    rp, rcstar = ref.channel_pool(x, None, False)
-    torch.testing.assert_close(p, rp, equal_nan=True)
-    assert torch.equal(cstar, rcstar)
-
-
-@needs_gpu
-@pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 0, 5)])
-def test_zero_size(shape):
-    """Correctly shaped results; an empty sum is zero; max over an empty axis is an error."""
-    n, c, h, w = shape
-    x = gy = torch.randn(shape, device=DEVICE)
-    s = _small(shape, GATES["cbam"])
-    cbam_args = [s[k] for k in ("ca", "sa", "gp", "cstar")] + [True] + \
-        [s[k] for k in ("ga", "gm", "pstar")]
-    assert cu.apply_gates(x, s["ca"], s["sa"]).shape == shape
-    assert cu.grad_input(gy, x, *cbam_args).shape == shape
-    torch.testing.assert_close(cu.grad_spatial(gy, x, s["ca"]), torch.zeros(n, h, w, device=DEVICE))
-    torch.testing.assert_close(cu.grad_channel(gy, x, s["sa"], s["gp"], s["cstar"], True),
-                               torch.zeros(n, c, device=DEVICE))
-    if h * w > 0 or n * c == 0:
-        assert [t.shape for t in cu.pool_hw(x, True)] == [(n, c)] * 3
-    else:
-        with pytest.raises(RuntimeError, match="H\\*W"):
-            cu.pool_hw(x, True)
-    if c > 0 or n * h * w == 0:
-        p, cstar = cu.channel_pool(x, s["ca"], True)
-        assert p.shape == (n, 2, h, w) and cstar.shape == (n, h, w)
-    else:
-        with pytest.raises(RuntimeError, match="C"):
-            cu.channel_pool(x, s["ca"], True)
+    """NaN in the free GPU memory before each test (see ``poison_free_memory``)."""
+    poison_free_memory()
 
 
 @needs_gpu
 def test_bad_arguments_are_named():
-    x = _x((2, 4, 3, 3), torch.float16)
+    """The ops check their arguments and name the one that is wrong."""
+    x = rand_full((2, 4, 3, 3), torch.float16)
     with pytest.raises(RuntimeError, match="ca must have shape"):
         cu.apply_gates(x, torch.rand(2, 5, device=DEVICE), None)
     with pytest.raises(RuntimeError, match="sa must be Float"):
         cu.apply_gates(x, None, torch.rand(2, 3, 3, device=DEVICE, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="gy is Float, x is Half"):
         cu.grad_spatial(x.float(), x, None)
-    with pytest.raises(RuntimeError, match="x must be float16, bfloat16 or float32"):
-        cu.pool_hw(x.double(), True)
     with pytest.raises(RuntimeError, match="residual has shape"):
         cu.apply_gates(x, None, None, x[:, :3])
     with pytest.raises(RuntimeError, match="gp needs cstar"):
@@ -498,6 +235,15 @@ def _cbam(channels, dtype):
     return cbam_kernels.CBAM(channels, reduction=4).to(DEVICE, dtype).train()
 
 
+def _every_pass(passes, x, gy, s):
+    """The results of the six passes of the module ``passes`` on x and gy, with the CBAM small
+    inputs ``s``."""
+    return [*passes.pool_hw(x, True), *passes.channel_pool(x, s["ca"], True),
+            passes.apply_gates(x, s["ca"], s["sa"]), passes.grad_spatial(gy, x, s["ca"]),
+            passes.grad_channel(*grad_channel_args(gy, x, s, True)),
+            passes.grad_input(*grad_input_args(gy, x, s, True))]
+
+
 def _grads(module, x, gy):
     module.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_()
@@ -509,13 +255,12 @@ def _grads(module, x, gy):
 @needs_gpu
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_passes_are_deterministic(layout):
-    """Split reductions give bitwise-equal results run after run."""
+    """Split reductions (and the other passes) give bitwise-equal results run after run."""
     shape = (4, 256, 28, 28)
-    x, gy = _x(shape, torch.float16, layout), _x(shape, torch.float16, layout, seed=2)
-    s = _small(shape, GATES["cbam"])
-    runs = [[*cu.pool_hw(x, True), *cu.channel_pool(x, s["ca"], True),
-             cu.grad_spatial(gy, x, s["ca"]),
-             cu.grad_channel(gy, x, s["sa"], s["gp"], s["cstar"], True)] for _ in range(3)]
+    x = rand_full(shape, torch.float16, layout)
+    gy = rand_full(shape, torch.float16, layout, seed=2)
+    s = rand_small(shape, GATES["cbam"])
+    runs = [_every_pass(cu, x, gy, s) for _ in range(3)]
     for again in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], again))
 
@@ -525,8 +270,8 @@ def test_cbam_backward_is_deterministic(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "cuda")
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     module = _cbam(64, torch.float16).to(memory_format=torch.channels_last)
-    x = _x((8, 64, 28, 28), torch.float16, "cl")
-    gy = _x((8, 64, 28, 28), torch.float16, "cl", seed=2)
+    x = rand_full((8, 64, 28, 28), torch.float16, "cl")
+    gy = rand_full((8, 64, 28, 28), torch.float16, "cl", seed=2)
     first = _grads(module, x, gy)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -579,21 +324,12 @@ def test_non_default_stream():
     shape = (8, 64, 56, 56)
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
-        x = _x(shape, torch.float16, "cl")
-        gy = _x(shape, torch.float16, "nchw", seed=2)
-        s = _small(shape, GATES["cbam"])
+        x = rand_full(shape, torch.float16, "cl")
+        gy = rand_full(shape, torch.float16, "nchw", seed=2)
+        s = rand_small(shape, GATES["cbam"])
         torch.cuda._sleep(100_000_000)
         x.mul_(2)
-        got = [*cu.pool_hw(x, True), *cu.channel_pool(x, s["ca"], True),
-               cu.apply_gates(x, s["ca"], s["sa"]), cu.grad_spatial(gy, x, s["ca"]),
-               cu.grad_channel(gy, x, s["sa"], s["gp"], s["cstar"], True),
-               cu.grad_input(gy, x, s["ca"], s["sa"], s["gp"], s["cstar"], True, s["ga"],
-                             s["gm"], s["pstar"])]
-        expected = [*ref.pool_hw(x, True), *ref.channel_pool(x, s["ca"], True),
-                    ref.apply_gates(x, s["ca"], s["sa"]), ref.grad_spatial(gy, x, s["ca"]),
-                    ref.grad_channel(gy, x, s["sa"], s["gp"], s["cstar"], True),
-                    ref.grad_input(gy, x, s["ca"], s["sa"], s["gp"], s["cstar"], True, s["ga"],
-                                   s["gm"], s["pstar"])]
+        got, expected = _every_pass(cu, x, gy, s), _every_pass(ref, x, gy, s)
     side.synchronize()
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=2.0**-10, atol=1e-4)
@@ -611,7 +347,7 @@ def test_more_than_2_pow_31_elements(layout):
     if free < need:
         pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} free")
     hw = h * w
-    x = _layout(torch.zeros(BIG, dtype=torch.float16, device=DEVICE), layout)
+    x = to_layout(torch.zeros(BIG, dtype=torch.float16, device=DEVICE), layout)
     x[0, c - 1, h - 1, w - 1] = 2    # the last element in both layouts
     x[0, c - 1, 0, 0] = -1
     x[0, 0, h - 1, w - 1] = -1

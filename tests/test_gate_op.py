@@ -125,3 +125,21 @@ def test_compile_fullgraph_matches_eager(device_backend, module):
 
 def test_public_api():
     assert {"CBAM", "ChannelGate", "SpatialGate", "SE"} <= set(cbam_kernels.__all__)
+
+
+@pytest.mark.parametrize("module", ["cbam", "se"])
+def test_autograd_saves_only_x_full_size(device_backend, module):
+    """Everything autograd keeps besides x is a per-(n, c) or per-(n, h, w) tensor (with the
+    residual epilogue, also the block output, which the next layer keeps anyway)."""
+    gate = (CBAM(16, 4) if module == "cbam" else SE(16, 4)).to(device_backend)
+    x = torch.randn(2, 16, 6, 5, device=device_backend, requires_grad=True)
+    for residual, full_size in ((None, 1), (torch.randn_like(x), 2)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            gate(x, residual=residual)
+        big = [t for t in saved if t.numel() >= x.numel()]
+        assert len(big) == full_size, [tuple(t.shape) for t in saved]
+        n, c, h, w = x.shape
+        small = [t for t in saved if t.numel() < x.numel()]
+        assert all(t.numel() <= 2 * n * max(c, h * w) for t in small)  # (K, N, C), (N, 2, H, W)
