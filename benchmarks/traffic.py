@@ -6,9 +6,10 @@ Two counts per case (the same for every provider, so GB/s compares providers hon
   "two-pass floor"); backward reads gy and x and writes gx (3); forward+backward 5.
 * the op's own minimum (DESIGN.md): without keeping a whole sample on chip, each reduction over a
   sample needs its own pass. CBAM forward 4 (pool x over H*W, pool x*ca over C, read x + write
-  y), backward 7 (two reads for grad of sa, two for grad of ca, two reads + a write for gx). SE,
-  and either gate alone, forward 3 (one pool, then read x + write y), backward 4 (gy and x for
-  the pooled gradient, then gy + gx). Forward+backward is their sum.
+  y), backward 6 (gy and x for grad of sa, gy and x for grad of ca, then gy + gx: gx needs no x,
+  one pass fewer than DESIGN.md's 7). SE, and either gate alone, forward 3 (one pool, then read
+  x + write y), backward 4 (gy and x for the pooled gradient, then gy + gx). Forward+backward is
+  their sum.
 
 Small tensors (weights, pooled vectors, the 2 x H x W maps) are not counted.
 """
@@ -17,7 +18,7 @@ from typing import Dict
 
 IO_PASSES = {"forward": 2, "backward": 3}
 MIN_PASSES: Dict[str, Dict[str, int]] = {
-    "cbam": {"forward": 4, "backward": 7},
+    "cbam": {"forward": 4, "backward": 6},
     "se": {"forward": 3, "backward": 4},
     "channel_gate": {"forward": 3, "backward": 4},
     "spatial_gate": {"forward": 3, "backward": 4},

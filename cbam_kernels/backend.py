@@ -31,9 +31,8 @@ ENV_VAR = "CBAM_KERNELS_BACKEND"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Kernel backends by measured speed, fastest first, per compute capability (None: any other
-# GPU). Triton is measured (DESIGN.md, H100); the CUDA backend has not been benchmarked on a GPU
-# yet, so Triton stays first everywhere. Put "cuda" first in a device's row only once
-# benchmarks/ shows it faster there.
+# GPU). Neither kernel backend has been benchmarked on a GPU yet, so Triton, the default, stays
+# first everywhere. Put "cuda" first in a device's row only once benchmarks/ shows it faster.
 AUTO_ORDER: Dict[Optional[Tuple[int, int]], Tuple[str, ...]] = {
     (9, 0): ("triton", "cuda"),
     None: ("triton", "cuda"),

@@ -139,6 +139,6 @@ def test_providers_of_a_configuration_are_adjacent():
 
 
 def test_byte_counts_follow_the_design():
-    assert [traffic.min_passes("cbam", p) for p in ("forward", "backward", "fwd+bwd")] == [4, 7, 11]
+    assert [traffic.min_passes("cbam", p) for p in ("forward", "backward", "fwd+bwd")] == [4, 6, 10]
     assert [traffic.min_passes("se", p) for p in ("forward", "backward", "fwd+bwd")] == [3, 4, 7]
     assert [traffic.io_floor_passes(p) for p in ("forward", "backward", "fwd+bwd")] == [2, 3, 5]
