@@ -119,24 +119,17 @@ __device__ __forceinline__ int64_t channel_of(int64_t o, int64_t i) { return CL 
 template <bool CL>
 __device__ __forceinline__ int64_t pixel_of(int64_t o, int64_t i) { return CL ? o : i; }
 
-// v *= f[c] (scale_by_channel, f a per-(n, c) row) or v *= f[hw] (scale_by_pixel, f a per-(n, h*w)
-// row); nothing when f is null.
-template <int VEC, bool CL>
-__device__ __forceinline__ void scale_by_channel(const float* f, int64_t o, int64_t i,
-                                                 float (&v)[VEC]) {
+// v *= f[c] (PER_CHANNEL, f a per-(n, c) row) or v *= f[hw] (f a per-(n, h*w) row); nothing
+// when f is null.
+template <int VEC, bool CL, bool PER_CHANNEL>
+__device__ __forceinline__ void scale_by(const float* f, int64_t o, int64_t i, float (&v)[VEC]) {
   if (f == nullptr) return;
   float s[VEC];
-  channel_factor<VEC, CL>(f, o, i, s);
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) v[j] *= s[j];
-}
-
-template <int VEC, bool CL>
-__device__ __forceinline__ void scale_by_pixel(const float* f, int64_t o, int64_t i,
-                                               float (&v)[VEC]) {
-  if (f == nullptr) return;
-  float s[VEC];
-  pixel_factor<VEC, CL>(f, o, i, s);
+  if (PER_CHANNEL) {
+    channel_factor<VEC, CL>(f, o, i, s);
+  } else {
+    pixel_factor<VEC, CL>(f, o, i, s);
+  }
 #pragma unroll
   for (int j = 0; j < VEC; ++j) v[j] *= s[j];
 }
@@ -145,7 +138,7 @@ __device__ __forceinline__ void scale_by_pixel(const float* f, int64_t o, int64_
 template <int VEC, bool CL>
 __device__ __forceinline__ void grad_x1(const Small& f, const Dims& d, int64_t n, int64_t o,
                                         int64_t i, float (&g)[VEC]) {
-  scale_by_pixel<VEC, CL>(f.sa ? f.sa + n * d.HW : nullptr, o, i, g);
+  scale_by<VEC, CL, false>(f.sa ? f.sa + n * d.HW : nullptr, o, i, g);
   if (f.gp != nullptr) {
     const float* gp = f.gp + 2 * n * d.HW;
     float gmax[VEC], gmean[VEC];
@@ -173,7 +166,7 @@ struct XCa {
   __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i,
                                              float (&v)[VEC]) const {
     load<VEC>(x.at(n, o, i), v);
-    scale_by_channel<VEC, CL>(ca ? ca + n * d.C : nullptr, o, i, v);
+    scale_by<VEC, CL, true>(ca ? ca + n * d.C : nullptr, o, i, v);
   }
 };
 
@@ -190,7 +183,7 @@ struct GyXCa {
     load<VEC>(x.at(n, o, i), xv);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[j] *= xv[j];
-    scale_by_channel<VEC, CL>(ca ? ca + n * d.C : nullptr, o, i, v);
+    scale_by<VEC, CL, true>(ca ? ca + n * d.C : nullptr, o, i, v);
   }
 };
 
@@ -369,8 +362,8 @@ struct ApplyGates {
   __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i) const {
     float v[VEC], s[VEC];
     load<VEC>(x.at(n, o, i), v);
-    scale_by_channel<VEC, CL>(f.ca ? f.ca + n * d.C : nullptr, o, i, v);
-    scale_by_pixel<VEC, CL>(f.sa ? f.sa + n * d.HW : nullptr, o, i, v);
+    scale_by<VEC, CL, true>(f.ca ? f.ca + n * d.C : nullptr, o, i, v);
+    scale_by<VEC, CL, false>(f.sa ? f.sa + n * d.HW : nullptr, o, i, v);
     if (residual.data != nullptr) {
       load<VEC>(residual.at(n, o, i), s);
 #pragma unroll
@@ -391,7 +384,7 @@ struct GradInput {
     float g[VEC], s[VEC];
     load<VEC>(gy.at(n, o, i), g);
     grad_x1<VEC, CL>(f, d, n, o, i, g);
-    scale_by_channel<VEC, CL>(f.ca ? f.ca + n * d.C : nullptr, o, i, g);
+    scale_by<VEC, CL, true>(f.ca ? f.ca + n * d.C : nullptr, o, i, g);
     if (f.ga != nullptr) {
       channel_factor<VEC, CL>(f.ga + n * d.C, o, i, s);
 #pragma unroll
