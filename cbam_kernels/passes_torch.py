@@ -120,14 +120,14 @@ def grad_x1(gy: Tensor, channels: int, sa: Optional[Tensor], gp: Optional[Tensor
     gx1 = gy * sa + gp_mean / C + gp_max * [c == cstar]; terms whose inputs are None drop out.
     """
     g = _flat(gy)
-    n = g.shape[0]
+    n, _, hw = g.shape  # explicit sizes: a -1 is ambiguous when N = 0
     if sa is not None:
-        g = g * sa.reshape(n, 1, -1)
+        g = g * sa.reshape(n, 1, hw)
     if gp is not None:
-        gp = gp.reshape(n, 2, -1).to(g.dtype)
+        gp = gp.reshape(n, 2, hw).to(g.dtype)
         gmax, gmean = gp[:, _max_channel(max_first)], gp[:, 1 - _max_channel(max_first)]
         g = g + (gmean / channels).unsqueeze(1)
-        g = g + gmax.unsqueeze(1) * _one_hot(cstar.reshape(n, -1), channels, dim=1)
+        g = g + gmax.unsqueeze(1) * _one_hot(cstar.reshape(n, hw), channels, dim=1)
     return g
 
 

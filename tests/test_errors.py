@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate
+from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate, attention_gate
 from cbam_kernels.reference import OfficialCBAM
 
 MODULES = {"cbam": lambda: CBAM(8, 2), "se": lambda: SE(8, 2),
@@ -64,6 +64,16 @@ def test_empty_batch(device_backend, module):
     x = torch.randn(0, 8, 5, 5, device=device_backend).to(memory_format=torch.channels_last)
     y = module.to(device_backend)(x)
     assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_empty_batch_through_the_op(device_backend):
+    """N=0 straight through the fused op (no module short-cut), forward and backward."""
+    x = torch.randn(0, 8, 5, 5, device=device_backend, requires_grad=True)
+    gate = CBAM(8, 2).to(device_backend).eval()
+    kwargs = dict(gate.channel_gate.gate_args(), **gate.spatial_gate.gate_args(x))
+    y, _ = attention_gate(x, **kwargs)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

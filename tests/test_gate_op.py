@@ -133,6 +133,7 @@ def test_autograd_saves_only_x_full_size(device_backend, module):
     residual epilogue, also the block output, which the next layer keeps anyway)."""
     gate = (CBAM(16, 4) if module == "cbam" else SE(16, 4)).to(device_backend)
     x = torch.randn(2, 16, 6, 5, device=device_backend, requires_grad=True)
+    n, c, h, w = x.shape
     for residual, full_size in ((None, 1), (torch.randn_like(x), 2)):
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
@@ -140,6 +141,5 @@ def test_autograd_saves_only_x_full_size(device_backend, module):
             gate(x, residual=residual)
         big = [t for t in saved if t.numel() >= x.numel()]
         assert len(big) == full_size, [tuple(t.shape) for t in saved]
-        n, c, h, w = x.shape
         small = [t for t in saved if t.numel() < x.numel()]
         assert all(t.numel() <= 2 * n * max(c, h * w) for t in small)  # (K, N, C), (N, 2, H, W)
