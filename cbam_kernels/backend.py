@@ -13,18 +13,20 @@ The two kernel backends take CUDA tensors of dtype float16, bfloat16 or float32.
 backend that is unavailable, or for a tensor it cannot take, is an error. ``auto``, the default,
 gives such tensors the first available backend of the device's row in :data:`AUTO_ORDER`
 (fastest measured first), and PyTorch everything else (CPU tensors, float64).
-:func:`describe_backends` reports all of this for the machine.
+:func:`describe_backends` reports all of this for the machine. The choice for a (request,
+device, dtype) is made once and cached; :func:`pipeline_for` gives the pipeline that runs it
+(``pipeline_torch``, or a ``pipeline_kernels.KernelPipeline`` over the backend's passes).
 """
 
 import functools
 import importlib
 import os
-from types import ModuleType
-from typing import Dict, Optional, Tuple
+import sys
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from . import passes_torch
+from . import pipeline_torch
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "CBAM_KERNELS_BACKEND"
@@ -53,9 +55,19 @@ def triton_unavailable_reason() -> str:
         import triton  # noqa: F401
     except ImportError as err:
         return f"triton is not importable ({err})"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if not torch.cuda.is_available() and not _interpreted():
         return "no CUDA device (and TRITON_INTERPRET is not set)"
     return ""
+
+
+def _interpreted() -> bool:
+    """Whether the Triton kernels run in Triton's interpreter. That is fixed when
+    ``passes_triton`` is first imported (by TRITON_INTERPRET=1 at that moment); until then the
+    environment variable tells."""
+    module = sys.modules.get(f"{__package__}.passes_triton")
+    if module is None:
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return module.INTERPRETED
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,10 +108,16 @@ def _unavailable(name: str, device: torch.device) -> str:
 
 def _choose(name: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, str]:
     """(backend, why) for tensors of ``dtype`` on ``device`` when ``name`` is requested."""
+    return _choose_cached(name, device, dtype, _interpreted())
+
+
+@functools.lru_cache(maxsize=None)
+def _choose_cached(name: str, device: torch.device, dtype: torch.dtype,
+                   interpreted: bool) -> Tuple[str, str]:
     if name == "torch":
         return "torch", f"{ENV_VAR}=torch"
     # Triton's interpreter (TRITON_INTERPRET=1) runs the Triton kernels on CPU tensors when asked.
-    interpreted = name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = name == "triton" and interpreted
     fits = (device.type == "cuda" or interpreted) and dtype in KERNEL_DTYPES
     if name != "auto":
         if not fits:
@@ -127,16 +145,28 @@ def _choose(name: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, s
 
 def backend_for(x: torch.Tensor) -> str:
     """The backend that runs the passes for tensor ``x``: 'cuda', 'triton' or 'torch'."""
-    return _choose(requested_backend(), x.device, x.dtype)[0]
+    return backend_name(x.device, x.dtype)
 
 
-def passes_for(x: torch.Tensor) -> ModuleType:
-    """The module implementing the passes (``passes_cuda``, ``passes_triton`` or
-    ``passes_torch``) for ``x``."""
-    name = backend_for(x)
+@torch.compiler.assume_constant_result
+def backend_name(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend for tensors of ``dtype`` on ``device`` (a constant while torch.compile
+    traces: the compiled graph calls the chosen path directly)."""
+    return _choose(requested_backend(), device, dtype)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _pipeline(name: str):
     if name == "torch":
-        return passes_torch
-    return importlib.import_module(f"{__package__}.passes_{name}")
+        return pipeline_torch
+    from .pipeline_kernels import KernelPipeline
+    return KernelPipeline(importlib.import_module(f"{__package__}.passes_{name}"))
+
+
+def pipeline_for(x: torch.Tensor) -> Union["pipeline_torch", "KernelPipeline"]:  # noqa: F821
+    """What runs the fused gate for ``x``: the module ``pipeline_torch``, or the
+    ``KernelPipeline`` of the chosen kernel backend (both have ``forward`` and ``backward``)."""
+    return _pipeline(_choose(requested_backend(), x.device, x.dtype)[0])
 
 
 def available_backends() -> Dict[str, str]:

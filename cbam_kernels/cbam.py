@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 from torch import Tensor, nn
 
 from .channel_gate import POOL_TYPES, ChannelGate, check_style
+from .gate_math import GateParams
 from .gating import apply_attention, check_input
 from .spatial_gate import SpatialGate
 
@@ -59,8 +60,15 @@ class CBAM(nn.Module):
 
         With ``residual``: relu(CBAM(x) + residual), the ResNet block epilogue, in the same pass.
         """
-        check_input(x, self.channel_gate.channels, self)
-        return apply_attention(x, self.channel_gate, self.spatial_gate, residual)
+        channel, spatial = self.channel_gate, self.spatial_gate
+        params = channel.gate_params()
+        check_input(x, channel.channels, type(self).__name__, params.w1)
+        if spatial is None:
+            return apply_attention(x, residual, params, channel.gate_config())
+        if not spatial.fusable():
+            return spatial(apply_attention(x, None, params, channel.gate_config()), residual)
+        return apply_attention(x, residual, GateParams(*params[:4], *spatial.gate_params()[4:]),
+                               channel.gate_config(spatial.max_first), spatial.bn_state(x))
 
     def extra_repr(self) -> str:
         return f"style={self.style!r}, no_spatial={self.spatial_gate is None}"

@@ -1,10 +1,10 @@
 """CBAM's channel gate: y = x * sigmoid(MLP(avg_hw(x)) + MLP(max_hw(x)))."""
 
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
-from .gate_math import ACTIVATIONS, GATES
+from .gate_math import ACTIVATIONS, GATES, GateConfig, GateParams
 from .gating import apply_attention, check_input
 
 STYLES = ("official", "timm")
@@ -78,21 +78,30 @@ class ChannelGate(nn.Module):
         """The MLP's hidden width R."""
         return self.mlp[1].out_features if self.style == "official" else self.fc1.out_channels
 
-    def gate_args(self) -> Dict[str, object]:
-        """Keyword arguments of :func:`cbam_kernels.gate_op.attention_gate` for this gate."""
-        first, second = (self.mlp[1], self.mlp[3]) if self.style == "official" else (self.fc1,
-                                                                                     self.fc2)
-        return dict(w1=first.weight.flatten(1), b1=first.bias, w2=second.weight.flatten(1),
-                    b2=second.bias, use_avg="avg" in self.pool_types,
-                    use_max="max" in self.pool_types, act=self.act, gate=self.gate)
+    def _layers(self):
+        return (self.mlp[1], self.mlp[3]) if self.style == "official" else (self.fc1, self.fc2)
+
+    def gate_params(self) -> GateParams:
+        """The MLP's tensors as :class:`~cbam_kernels.gate_math.GateParams` (w1 (R, C), w2
+        (C, R); the 1x1 convs' weights seen as matrices)."""
+        first, second = self._layers()
+        return GateParams(first.weight.flatten(1), first.bias, second.weight.flatten(1),
+                          second.bias)
+
+    def gate_config(self, max_first: bool = True) -> GateConfig:
+        """The gate's :class:`~cbam_kernels.gate_math.GateConfig` (``max_first``: the order of
+        a spatial gate's map that runs in the same call)."""
+        return GateConfig("avg" in self.pool_types, "max" in self.pool_types, self.act,
+                          self.gate, max_first)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """x (N, C, H, W) -> x * channel attention, same dtype and memory format.
 
         With ``residual``: relu(gated x + residual), the ResNet block epilogue, in the same pass.
         """
-        check_input(x, self.channels, self)
-        return apply_attention(x, channel=self, residual=residual)
+        first = self._layers()[0]
+        check_input(x, self.channels, type(self).__name__, first.weight)
+        return apply_attention(x, residual, self.gate_params(), self.gate_config())
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, hidden_channels={self.hidden_channels}, "

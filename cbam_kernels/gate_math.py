@@ -8,7 +8,7 @@ dtype of the pooled tensors (float32, or float64 for gradcheck); parameter gradi
 the parameters' own dtypes.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,78 @@ from torch import Tensor
 
 ACTIVATIONS = ("relu", "silu")
 GATES = ("sigmoid", "hardsigmoid")
+
+
+class GateConfig(NamedTuple):
+    """What a fused gate computes besides its parameters (hashable: launch plans key on it).
+
+    ``use_avg``/``use_max``: the pools the channel MLP sees; ``act``: its hidden activation
+    ('relu' or 'silu'); ``gate``: 'sigmoid' or 'hardsigmoid'; ``max_first``: the spatial map
+    is [max, mean] (official CBAM) rather than [mean, max] (timm)."""
+
+    use_avg: bool = True
+    use_max: bool = True
+    act: str = "relu"
+    gate: str = "sigmoid"
+    max_first: bool = True
+
+
+class GateParams(NamedTuple):
+    """The trainable tensors of a gate (None where absent): the channel MLP ``w1`` (R, C),
+    ``b1``, ``w2`` (C, R), ``b2`` -- no ``w1`` means no channel gate -- and the spatial gate's
+    ``conv_w`` (1, 2, k, k) and BatchNorm affine ``bn_w``, ``bn_b`` (1,) -- no ``conv_w``, no
+    spatial gate."""
+
+    w1: Optional[Tensor] = None
+    b1: Optional[Tensor] = None
+    w2: Optional[Tensor] = None
+    b2: Optional[Tensor] = None
+    conv_w: Optional[Tensor] = None
+    bn_w: Optional[Tensor] = None
+    bn_b: Optional[Tensor] = None
+
+
+class BatchNormState(NamedTuple):
+    """The spatial gate's BatchNorm besides its affine terms: the running statistics (None
+    without ``track_running_stats``), eps, momentum (None: cumulative average), and
+    ``batch_stats``: normalise with the batch's statistics (training), or with the running ones
+    (eval). With batch statistics and ``num_batches_tracked`` given, the running statistics are
+    updated as ``nn.BatchNorm2d`` updates them."""
+
+    running_mean: Optional[Tensor] = None
+    running_var: Optional[Tensor] = None
+    num_batches_tracked: Optional[Tensor] = None
+    eps: float = 1e-5
+    momentum: Optional[float] = 0.1
+    batch_stats: bool = True
+
+
+class GateGrads(NamedTuple):
+    """A fused gate's gradients: of x, of the residual (None without one) and of each
+    parameter (a :class:`GateParams` of gradients, None where the parameter is absent)."""
+
+    x: Tensor
+    residual: Optional[Tensor]
+    params: GateParams
+
+
+class ChannelSaved(NamedTuple):
+    """What the channel gate keeps for its backward (float32 or float64; pstar int32)."""
+
+    ca: Tensor                # (N, C) the gate
+    pooled: Tensor            # (K, N, C) average pool, then max pool (those in use)
+    hidden: Tensor            # (K, N, R) MLP pre-activations
+    pstar: Optional[Tensor]   # (N, C) arg-max over H*W, with the max pool
+
+
+class SpatialSaved(NamedTuple):
+    """What the spatial gate keeps for its backward (float32 or float64; cstar int32)."""
+
+    sa: Tensor      # (N, H*W) the gate
+    p: Tensor       # (N, 2, H*W) pooled map in the conv's channel order
+    cstar: Tensor   # (N, H*W) channel arg-max
+    xhat: Tensor    # (N, H*W) normalised conv output
+    stats: Tensor   # (2,) mean and biased variance the BatchNorm used
 
 
 def activation(h: Tensor, act: str) -> Tensor:
@@ -73,28 +145,25 @@ def mlp_backward(gz: Tensor, pooled: Tensor, hidden: Tensor, w1: Tensor, b1: Opt
     gw1 = torch.einsum("knr,knc->rc", ghidden, pooled)
     gb1 = ghidden.sum(dim=(0, 1)) if b1 is not None else None
     gpooled = ghidden @ w1.to(gz.dtype)
-    grads = [gw1, gb1, gw2, gb2]
-    params = [w1, b1, w2, b2]
-    return gpooled, [None if g is None else g.to(p.dtype) for g, p in zip(grads, params)]
+    return gpooled, [_as_param(g, q) for g, q in zip([gw1, gb1, gw2, gb2], [w1, b1, w2, b2])]
 
 
 def spatial_forward(p: Tensor, conv_w: Tensor, bn_w: Optional[Tensor], bn_b: Optional[Tensor],
-                    bn_mean: Optional[Tensor], bn_var: Optional[Tensor], eps: float,
-                    batch_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                    bn: BatchNormState) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """conv k x k (2 -> 1, 'same' padding, no bias) -> BatchNorm -> sigmoid.
 
     ``p`` is the pooled map (N, 2, H, W) in the conv weight's channel order. With
-    ``batch_stats`` the BatchNorm normalises with the batch mean and biased variance (training
-    mode); otherwise with ``bn_mean``/``bn_var``. Returns the gate ``sa`` (N, H, W), the
-    normalised map ``xhat`` (N, H, W), and the mean and variance used, each of shape (1,).
+    ``bn.batch_stats`` the BatchNorm normalises with the batch mean and biased variance
+    (training mode); otherwise with the running statistics. Returns the gate ``sa`` (N, H*W),
+    the normalised map ``xhat`` (N, H*W), and the mean and variance used, each of shape (1,).
     """
-    u = F.conv2d(p, conv_w.to(p.dtype), padding=conv_w.shape[-1] // 2).squeeze(1)
-    if batch_stats:
+    u = F.conv2d(p, conv_w.to(p.dtype), padding=conv_w.shape[-1] // 2).flatten(1)
+    if bn.batch_stats:
         var, mean = torch.var_mean(u, correction=0)
         mean, var = mean.view(1), var.view(1)
     else:
-        mean, var = bn_mean.to(u.dtype), bn_var.to(u.dtype)
-    xhat = (u - mean) * torch.rsqrt(var + eps)
+        mean, var = bn.running_mean.to(u.dtype), bn.running_var.to(u.dtype)
+    xhat = (u - mean) * torch.rsqrt(var + bn.eps)
     v = xhat
     if bn_w is not None:
         v = v * bn_w.to(u.dtype)
@@ -103,33 +172,61 @@ def spatial_forward(p: Tensor, conv_w: Tensor, bn_w: Optional[Tensor], bn_b: Opt
     return torch.sigmoid(v), xhat, mean, var
 
 
-def spatial_backward(gsa: Tensor, sa: Tensor, p: Tensor, xhat: Tensor, var: Tensor, eps: float,
-                     conv_w: Tensor, bn_w: Optional[Tensor], bn_b: Optional[Tensor],
-                     batch_stats: bool) -> Tuple[Tensor, List[Optional[Tensor]]]:
-    """Backward of :func:`spatial_forward` given dL/dsa (N, H, W).
+@torch.no_grad()
+def update_running_stats(bn: BatchNormState, mean: Tensor, var: Tensor, count: int) -> None:
+    """Fold a batch's mean and biased variance (each (1,)) over ``count`` values into the
+    running statistics, as ``nn.BatchNorm2d`` does in training: num_batches_tracked += 1, then
+    r = f s + (1 - f) r with f = momentum (1 / num_batches_tracked when momentum is None) and
+    the unbiased variance for running_var. Only in training (``bn.batch_stats`` with
+    ``bn.num_batches_tracked`` given). No value is read back to the host."""
+    if not bn.batch_stats or bn.num_batches_tracked is None:
+        return
+    bn.num_batches_tracked.add_(1)
+    f = bn.momentum
+    if f is None:
+        f = 1.0 / bn.num_batches_tracked.to(mean.dtype)
+    unbiased = var * (count / (count - 1))
+    for running, stat in ((bn.running_mean, mean), (bn.running_var, unbiased)):
+        running.copy_(f * stat + (1 - f) * running)
 
-    Returns dL/dp (N, 2, H, W) and [gconv_w, gbn_w, gbn_b] (None for an absent affine term).
+
+def spatial_backward(gsa: Tensor, saved: SpatialSaved, conv_w: Tensor, bn_w: Optional[Tensor],
+                     bn_b: Optional[Tensor], bn: BatchNormState, height: int, width: int
+                     ) -> Tuple[Tensor, List[Optional[Tensor]]]:
+    """Backward of :func:`spatial_forward` given dL/dsa (N, H*W).
+
+    Returns dL/dp (N, 2, H*W) and [gconv_w, gbn_w, gbn_b] (None for an absent affine term).
     With batch statistics the gradient flows through the batch mean and variance as in
     ``nn.BatchNorm2d``.
     """
+    sa, xhat = saved.sa, saved.xhat
     gv = gsa * sa * (1 - sa)
     gbn_w = (gv * xhat).sum().view(1) if bn_w is not None else None
     gbn_b = gv.sum().view(1) if bn_b is not None else None
     gxhat = gv * bn_w.to(gv.dtype) if bn_w is not None else gv
-    rstd = torch.rsqrt(var + eps)
-    if batch_stats:
+    rstd = torch.rsqrt(saved.stats[1] + bn.eps)
+    if bn.batch_stats:
         gxhat = gxhat - gxhat.mean() - xhat * (gxhat * xhat).mean()
-    gu = (gxhat * rstd).unsqueeze(1)
+    n = gsa.shape[0]
+    gu = (gxhat * rstd).view(n, 1, height, width)
     pad = conv_w.shape[-1] // 2
     w = conv_w.to(gu.dtype)
+    p = saved.p.view(n, 2, height, width)
     # Both conv gradients as forward convolutions, which are deterministic (cuDNN's backward
     # kernels may use atomics): gp correlates gu with the flipped kernel; gconv correlates each
     # channel of p with gu, the batch acting as the summed channel axis.
     gp = F.conv2d(gu, w.flip(2, 3).transpose(0, 1), padding=pad)
     gconv = F.conv2d(p.transpose(0, 1), gu.transpose(0, 1), padding=pad).transpose(0, 1)
-    grads = [gconv, gbn_w, gbn_b]
-    params = [conv_w, bn_w, bn_b]
-    return gp, [None if g is None else g.to(q.dtype) for g, q in zip(grads, params)]
+    return gp.flatten(2), [_as_param(g, q) for g, q in zip([gconv, gbn_w, gbn_b],
+                                                           [conv_w, bn_w, bn_b])]
+
+
+def _as_param(grad: Optional[Tensor], param: Optional[Tensor]) -> Optional[Tensor]:
+    """A parameter's gradient in the parameter's dtype and strides (DDP's gradient buckets
+    expect the parameter's layout)."""
+    if grad is None or (grad.dtype == param.dtype and grad.stride() == param.stride()):
+        return grad
+    return torch.empty_like(param).copy_(grad)
 
 
 def _cast(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:

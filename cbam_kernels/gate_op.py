@@ -1,207 +1,233 @@
-"""The fused attention gate as ``torch.library`` custom ops.
+"""The fused attention gate: one entry point, :func:`attention_gate`, for every module.
 
 One op covers SE, the CBAM channel gate, the CBAM spatial gate and whole CBAM:
 
-    ca = sigmoid(MLP(avg_hw(x)) + MLP(max_hw(x)))    channel gate, when ``w1`` is given
+    ca = gate(MLP(avg_hw(x)) + MLP(max_hw(x)))        channel gate, when ``params.w1`` is given
     x1 = x * ca
-    p  = [max_c(x1), mean_c(x1)]                      spatial gate, when ``conv_w`` is given
-    sa = sigmoid(BN(conv(p)))
-    y  = x1 * sa
+    p  = [max_c(x1), mean_c(x1)]                      spatial gate, when ``params.conv_w`` is
+    sa = sigmoid(BN(conv(p)))                          given (BatchNorm running statistics are
+    y  = x1 * sa                                       updated in training)
 
-Forward makes three passes over x (pool over H*W, pool over channels, apply the gates) and
-backward three more (``grad_spatial``, ``grad_channel``, ``grad_input``); everything between
-passes works on (N, C) vectors and (N, 2, H, W) maps (``gate_math.py``). Autograd saves x plus
-those small tensors only. The passes run on the backend that ``backend.passes_for`` picks.
+How a call runs depends on the backend that ``backend.pipeline_for`` picks for x:
 
-``cbam_kernels::gate_forward`` and ``cbam_kernels::gate_backward`` are opaque to
-``torch.compile`` (no graph break) and carry fake implementations; :func:`attention_gate` is the
-typed entry point that modules call.
+* ``torch`` (CPU tensors, float64, or forced): ``pipeline_torch.forward`` in plain PyTorch under
+  autograd, so eager mode runs PyTorch's own kernels and ``torch.compile`` traces and fuses it.
+* a kernel backend (``triton``, ``cuda``): in eager mode a ``torch.autograd.Function`` around the
+  kernel pipeline (least host time per call: no dispatcher, one output, nothing materialised for
+  unused gradients; running statistics updated in-kernel); under ``torch.compile`` the same
+  pipeline as the functional ``torch.library`` custom ops ``cbam_kernels::gate_forward`` /
+  ``gate_backward``, opaque to the compiler (no graph break), with fake implementations; the op
+  returns the batch statistics and the running statistics are updated by PyTorch ops that the
+  compiler fuses.
+
+Autograd saves x (and the output, with a residual) plus per-(n, c) and per-(n, h, w) tensors.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import gate_math
-from .backend import passes_for
+from . import backend, pipeline_torch
+from .gate_math import (BatchNormState, ChannelSaved, GateConfig, GateParams, SpatialSaved,
+                        update_running_stats)
 from .passes_torch import acc_dtype
 
 
-def attention_gate(x: Tensor, residual: Optional[Tensor] = None, w1: Optional[Tensor] = None,
-                   b1: Optional[Tensor] = None, w2: Optional[Tensor] = None,
-                   b2: Optional[Tensor] = None, use_avg: bool = True, use_max: bool = True,
-                   act: str = "relu", gate: str = "sigmoid", conv_w: Optional[Tensor] = None,
-                   bn_w: Optional[Tensor] = None, bn_b: Optional[Tensor] = None,
-                   bn_mean: Optional[Tensor] = None, bn_var: Optional[Tensor] = None,
-                   bn_eps: float = 1e-5, batch_stats: bool = True,
-                   max_first: bool = True) -> Tuple[Tensor, Tensor]:
+def attention_gate(x: Tensor, residual: Optional[Tensor] = None,
+                   params: GateParams = GateParams(), cfg: GateConfig = GateConfig(),
+                   bn: BatchNormState = BatchNormState()) -> Tensor:
     """Apply a fused channel and/or spatial gate to ``x`` (N, C, H, W).
 
-    Channel gate (given ``w1``/``w2``, shapes (R, C) and (C, R), biases optional): the MLP is
-    applied to the average pool (``use_avg``) and/or the max pool (``use_max``) over H*W.
-    ``act`` ('relu' or 'silu') is the MLP's hidden activation and ``gate`` ('sigmoid' or
-    'hardsigmoid') turns its output into ``ca``.
+    Channel gate (given ``params.w1``/``w2``, shapes (R, C) and (C, R), biases optional): the
+    MLP is applied to the average pool (``cfg.use_avg``) and/or the max pool (``cfg.use_max``)
+    over H*W. ``cfg.act`` ('relu' or 'silu') is the MLP's hidden activation and ``cfg.gate``
+    ('sigmoid' or 'hardsigmoid') turns its output into ``ca``.
 
-    Spatial gate (given ``conv_w``, shape (1, 2, k, k) with odd k): the pooled map is ordered
-    [max, mean] when ``max_first`` else [mean, max]; BatchNorm uses the batch statistics when
-    ``batch_stats`` (training) else ``bn_mean``/``bn_var``.
+    Spatial gate (given ``params.conv_w``, shape (1, 2, k, k) with odd k): the pooled map is
+    ordered [max, mean] when ``cfg.max_first`` else [mean, max]; the BatchNorm (affine terms
+    ``params.bn_w``/``bn_b``) uses and updates the batch statistics when ``bn.batch_stats``,
+    else the running statistics.
 
-    With ``residual`` (x's shape and dtype), ``y`` is the ResNet block epilogue
-    relu(gated x + residual), computed in the same pass.
-
-    Returns ``y`` (x's shape, dtype and memory format) and ``stats`` = [mean, biased variance]
-    of the conv output that the BatchNorm used (empty without a spatial gate), from which the
-    caller updates running statistics.
+    With ``residual`` (x's shape and dtype), returns the ResNet block epilogue
+    relu(gated x + residual), computed in the same pass. The result has x's shape, dtype and
+    memory format.
     """
-    if act not in gate_math.ACTIVATIONS or gate not in gate_math.GATES:
-        raise ValueError(f"act must be one of {gate_math.ACTIVATIONS} and gate one of "
-                         f"{gate_math.GATES}, got act={act!r}, gate={gate!r}")
-    out = gate_forward(x, residual, w1, b1, w2, b2, use_avg, use_max, act, gate, conv_w, bn_w,
-                       bn_b, bn_mean, bn_var, bn_eps, batch_stats, max_first)
-    return out[0], out[-1]
+    if x.numel() == 0:
+        return _empty_gate(x, residual, params, bn)
+    if backend.backend_for(x) == "torch":
+        if torch.is_autocast_enabled(x.device.type):  # the small math stays in float32
+            with torch.autocast(x.device.type, enabled=False):
+                return pipeline_torch.forward(x, residual, params, cfg, bn)[0]
+        return pipeline_torch.forward(x, residual, params, cfg, bn)[0]
+    if torch.compiler.is_compiling():
+        running = (None, None) if bn.batch_stats else (bn.running_mean, bn.running_var)
+        out = gate_forward(x, residual, *_pack(params), *running, bn.eps, bn.batch_stats, *cfg)
+        if params.conv_w is not None:
+            n, _, h, w = x.shape
+            stats = out[-1]
+            update_running_stats(bn, stats[0:1], stats[1:2], n * h * w)
+        return out[0]
+    pipeline = backend.pipeline_for(x)
+    if torch.is_grad_enabled() and _needs_grad(x, residual, params):
+        return _FusedGate.apply(x, residual, *params, pipeline, cfg, bn)
+    return pipeline.forward(x, residual, params, cfg, bn)[0]
 
+
+def _empty_gate(x: Tensor, residual: Optional[Tensor], params: GateParams,
+                bn: BatchNormState) -> Tensor:
+    """The result for an empty x (N, H or W zero): empty, yet connected to x, the residual and
+    every parameter, so that backward gives zero gradients as ``nn.Conv2d`` does; a training
+    BatchNorm counts the batch in num_batches_tracked, as ``nn.BatchNorm2d`` does."""
+    if params.conv_w is not None and bn.batch_stats and bn.num_batches_tracked is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+    y = x * sum(p.sum() for p in params if p is not None) * 0
+    return y if residual is None else torch.relu(y + residual)
+
+
+def _needs_grad(x: Tensor, residual: Optional[Tensor], params: GateParams) -> bool:
+    return (x.requires_grad or (residual is not None and residual.requires_grad)
+            or any(p is not None and p.requires_grad for p in params))
+
+
+def _pack(params: GateParams) -> Tuple[List[Tensor], List[bool]]:
+    """The present parameters as a list, and which of GateParams' fields they are (a custom
+    op's list of tensors has no None)."""
+    return [p for p in params if p is not None], [p is not None for p in params]
+
+
+def _unpack(tensors: Sequence[Tensor], present: Sequence[bool]) -> GateParams:
+    """Inverse of :func:`_pack`."""
+    it = iter(tensors)
+    return GateParams(*(next(it) if here else None for here in present))
+
+
+def _saved_list(channel: Optional[ChannelSaved], spatial: Optional[SpatialSaved],
+                x: Tensor) -> List[Tensor]:
+    """The saved tensors as one list, a distinct empty tensor (outputs of an op may not alias)
+    standing for each absent one."""
+    ch = list(channel) if channel is not None else [None] * len(ChannelSaved._fields)
+    sp = list(spatial) if spatial is not None else [None] * len(SpatialSaved._fields)
+    return [x.new_empty(0) if t is None else t for t in ch + sp]
+
+
+def _saved_tuples(saved: Sequence[Tensor], params: GateParams, cfg: GateConfig
+                  ) -> Tuple[Optional[ChannelSaved], Optional[SpatialSaved]]:
+    """Inverse of :func:`_saved_list`."""
+    k = len(ChannelSaved._fields)
+    channel = spatial = None
+    if params.w1 is not None:
+        ca, pooled, hidden, pstar = saved[:k]
+        channel = ChannelSaved(ca, pooled, hidden, pstar if cfg.use_max else None)
+    if params.conv_w is not None:
+        spatial = SpatialSaved(*saved[k:])
+    return channel, spatial
+
+
+class _FusedGate(torch.autograd.Function):
+    """The kernel pipeline under autograd in eager mode: one output, x plus small tensors
+    saved, no gradient materialised for what has none."""
+
+    @staticmethod
+    def forward(ctx, x, residual, w1, b1, w2, b2, conv_w, bn_w, bn_b, pipeline, cfg, bn):
+        params = GateParams(w1, b1, w2, b2, conv_w, bn_w, bn_b)
+        y, channel, spatial = pipeline.forward(x, residual, params, cfg, bn)
+        ctx.set_materialize_grads(False)
+        ctx.pipeline, ctx.cfg, ctx.bn = pipeline, cfg, bn
+        ctx.save_for_backward(x, y if residual is not None else None, *params,
+                              *_saved_list(channel, spatial, x))
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        if gy is None:
+            return (None,) * 12
+        x, out, *rest = ctx.saved_tensors
+        params = GateParams(*rest[:7])
+        channel, spatial = _saved_tuples(rest[7:], params, ctx.cfg)
+        grads = ctx.pipeline.backward(gy, x, out, params, ctx.cfg, ctx.bn, channel, spatial)
+        return (grads.x, grads.residual, *grads.params, None, None, None)
+
+
+# ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("cbam_kernels::gate_forward", mutates_args=())
-def gate_forward(x: Tensor, residual: Optional[Tensor], w1: Optional[Tensor],
-                 b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor], use_avg: bool,
-                 use_max: bool, act: str, gate: str, conv_w: Optional[Tensor],
-                 bn_w: Optional[Tensor], bn_b: Optional[Tensor],
-                 bn_mean: Optional[Tensor], bn_var: Optional[Tensor], bn_eps: float,
-                 batch_stats: bool, max_first: bool
-                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                            Tensor]:
-    """Fused forward. Returns (y, ca, pooled, hidden, pstar, p, cstar, sa, xhat, stats).
-
-    Everything after ``y`` is saved for backward; a tensor of an absent gate is empty. Runs
-    with autocast off: the small math stays in float32 whatever the caller's autocast state.
-    """
+def gate_forward(x: Tensor, residual: Optional[Tensor], params: List[Tensor],
+                 present: List[bool], running_mean: Optional[Tensor],
+                 running_var: Optional[Tensor], eps: float, batch_stats: bool, use_avg: bool,
+                 use_max: bool, act: str, gate: str, max_first: bool) -> List[Tensor]:
+    """:func:`attention_gate` as one functional op: [y, *saved] (``_saved_list`` order; the
+    last is the [mean, variance] the BatchNorm used). ``params``/``present`` are a
+    :class:`GateParams` as :func:`_pack` gives it; the running statistics are read in eval
+    (batch_stats False) and not updated."""
+    bn = BatchNormState(running_mean, running_var, None, eps, None, batch_stats)
+    cfg = GateConfig(use_avg, use_max, act, gate, max_first)
     with torch.autocast(x.device.type, enabled=False):
-        return _gate_forward(x, residual, w1, b1, w2, b2, use_avg, use_max, act, gate, conv_w,
-                             bn_w, bn_b, bn_mean, bn_var, bn_eps, batch_stats, max_first)
-
-
-def _gate_forward(x, residual, w1, b1, w2, b2, use_avg, use_max, act, gate, conv_w, bn_w, bn_b,
-                  bn_mean, bn_var, bn_eps, batch_stats, max_first):
-    passes = passes_for(x)
-    ca, pooled, hidden, p, sa, xhat, stats = _empties(x, 7, acc_dtype(x))
-    pstar, cstar = _empties(x, 2, torch.int32)
-    if w1 is not None:
-        avg, mx, pstar = passes.pool_hw(x, use_max)
-        pooled = torch.stack([v for v, use in ((avg, use_avg), (mx, use_max)) if use])
-        z, hidden = gate_math.mlp_forward(pooled, w1, b1, w2, b2, act)
-        ca = gate_math.gate(z, gate)
-    if conv_w is not None:
-        p, cstar = passes.channel_pool(x, _opt(ca), max_first)
-        sa, xhat, mean, var = gate_math.spatial_forward(p, conv_w, bn_w, bn_b, bn_mean, bn_var,
-                                                        bn_eps, batch_stats)
-        stats = torch.cat([mean, var])
-    y = passes.apply_gates(x, _opt(ca), _opt(sa), residual)
-    return y, ca, pooled, hidden, pstar, p, cstar, sa, xhat, stats
+        y, channel, spatial = backend.pipeline_for(x).forward(x, residual,
+                                                              _unpack(params, present), cfg, bn)
+    return [y, *_saved_list(channel, spatial, x)]
 
 
 @gate_forward.register_fake
-def _(x, residual, w1, b1, w2, b2, use_avg, use_max, act, gate, conv_w, bn_w, bn_b, bn_mean,
-      bn_var, bn_eps, batch_stats, max_first):
+def _(x, residual, params, present, running_mean, running_var, eps, batch_stats, use_avg, use_max,
+      act, gate, max_first):
     n, c, h, w = x.shape
     small = acc_dtype(x)
-    ca, pooled, hidden, p, sa, xhat, stats = _empties(x, 7, small)
-    pstar, cstar = _empties(x, 2, torch.int32)
-    if w1 is not None:
-        k = int(use_avg) + int(use_max)
-        ca = x.new_empty(n, c, dtype=small)
-        pooled = x.new_empty(k, n, c, dtype=small)
-        hidden = x.new_empty(k, n, w1.shape[0], dtype=small)
-        if use_max:
-            pstar = x.new_empty(n, c, dtype=torch.int32)
-    if conv_w is not None:
-        p = x.new_empty(n, 2, h, w, dtype=small)
-        cstar = x.new_empty(n, h, w, dtype=torch.int32)
-        sa = x.new_empty(n, h, w, dtype=small)
-        xhat = x.new_empty(n, h, w, dtype=small)
-        stats = x.new_empty(2, dtype=small)
-    return torch.empty_like(x), ca, pooled, hidden, pstar, p, cstar, sa, xhat, stats
+    saved = [x.new_empty(0) for _ in ChannelSaved._fields + SpatialSaved._fields]
+    if present[0]:
+        k, r = int(use_avg) + int(use_max), params[0].shape[0]
+        pstar = x.new_empty(n, c, dtype=torch.int32) if use_max else x.new_empty(0)
+        saved[:4] = [x.new_empty(n, c, dtype=small), x.new_empty(k, n, c, dtype=small),
+                     x.new_empty(k, n, r, dtype=small), pstar]
+    if present[4]:
+        saved[4:] = [x.new_empty(n, h * w, dtype=small), x.new_empty(n, 2, h * w, dtype=small),
+                     x.new_empty(n, h * w, dtype=torch.int32), x.new_empty(n, h * w, dtype=small),
+                     x.new_empty(2, dtype=small)]
+    return [torch.empty_like(x), *saved]
 
 
 @torch.library.custom_op("cbam_kernels::gate_backward", mutates_args=())
-def gate_backward(gy: Tensor, x: Tensor, out: Optional[Tensor], w1: Optional[Tensor],
-                  b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor], use_avg: bool,
-                  use_max: bool, act: str, gate: str, conv_w: Optional[Tensor],
-                  bn_w: Optional[Tensor], bn_b: Optional[Tensor], bn_eps: float,
-                  batch_stats: bool, max_first: bool,
-                  ca: Tensor, pooled: Tensor, hidden: Tensor, pstar: Tensor, p: Tensor,
-                  cstar: Tensor, sa: Tensor, xhat: Tensor, stats: Tensor) -> List[Tensor]:
-    """Fused backward. Returns [gx, gw1, gb1, gw2, gb2, gconv_w, gbn_w, gbn_b, gresidual]
-    (empty if absent). ``out`` is the forward output when it was a relu(... + residual)
-    epilogue: the ReLU mask comes from it, and the masked gradient is the residual's."""
+def gate_backward(gy: Tensor, x: Tensor, out: Optional[Tensor], params: List[Tensor],
+                  present: List[bool], saved: List[Tensor], eps: float, batch_stats: bool,
+                  use_avg: bool, use_max: bool, act: str, gate: str,
+                  max_first: bool) -> List[Tensor]:
+    """Backward of ``gate_forward``: [gx, gresidual (empty without a residual), *gradients of
+    ``params``]."""
+    bn = BatchNormState(eps=eps, batch_stats=batch_stats)
+    cfg = GateConfig(use_avg, use_max, act, gate, max_first)
+    gparams = _unpack(params, present)
+    channel, spatial = _saved_tuples(saved, gparams, cfg)
     with torch.autocast(x.device.type, enabled=False):
-        return _gate_backward(gy, x, out, w1, b1, w2, b2, use_avg, use_max, act, gate, conv_w,
-                              bn_w, bn_b, bn_eps, batch_stats, max_first, ca, pooled, hidden,
-                              pstar, p, cstar, sa, xhat, stats)
-
-
-def _gate_backward(gy, x, out, w1, b1, w2, b2, use_avg, use_max, act, gate, conv_w, bn_w, bn_b,
-                   bn_eps, batch_stats, max_first, ca, pooled, hidden, pstar, p, cstar, sa, xhat,
-                   stats):
-    passes = passes_for(x)
-    grads: List[Optional[Tensor]] = [None] * 9
-    if out is not None:
-        gy = grads[8] = torch.ops.aten.threshold_backward(gy, out, 0)
-    gp = None
-    if conv_w is not None:
-        gsa = passes.grad_spatial(gy, x, _opt(ca))
-        gp, grads[5:8] = gate_math.spatial_backward(gsa, sa, p, xhat, stats[1:], bn_eps, conv_w,
-                                                    bn_w, bn_b, batch_stats)
-    ga = gm = None
-    if w1 is not None:
-        gca = passes.grad_channel(gy, x, _opt(sa), gp, _opt(cstar), max_first)
-        gz = gca * gate_math.gate_grad_from_output(ca, gate)
-        gpooled, grads[1:5] = gate_math.mlp_backward(gz, pooled, hidden, w1, b1, w2, b2, act)
-        ga = gpooled[0] if use_avg else None
-        gm = gpooled[-1] if use_max else None
-    grads[0] = passes.grad_input(gy, x, _opt(ca), _opt(sa), gp, _opt(cstar), max_first, ga, gm,
-                                 _opt(pstar))
-    return [x.new_empty(0) if g is None else g for g in grads]
+        grads = backend.pipeline_for(x).backward(gy, x, out, gparams, cfg, bn, channel, spatial)
+    gres = x.new_empty(0) if grads.residual is None else grads.residual
+    return [grads.x, gres, *_pack(grads.params)[0]]
 
 
 @gate_backward.register_fake
-def _(gy, x, out, w1, b1, w2, b2, use_avg, use_max, act, gate, conv_w, bn_w, bn_b, bn_eps,
-      batch_stats, max_first, ca, pooled, hidden, pstar, p, cstar, sa, xhat, stats):
-    params = [w1, b1, w2, b2, conv_w, bn_w, bn_b, out]
-    return [torch.empty_like(x)] + [x.new_empty(0) if t is None else torch.empty_like(t)
-                                    for t in params]
-
-
-_INPUTS = ("x", "residual", "w1", "b1", "w2", "b2", "use_avg", "use_max", "act", "gate",
-           "conv_w", "bn_w", "bn_b", "bn_mean", "bn_var", "bn_eps", "batch_stats", "max_first")
-_PARAMS = ("w1", "b1", "w2", "b2", "conv_w", "bn_w", "bn_b")
+def _(gy, x, out, params, present, saved, eps, batch_stats, use_avg, use_max, act, gate,
+      max_first):
+    gres = x.new_empty(0) if out is None else torch.empty_like(out)
+    return [torch.empty_like(x), gres, *(torch.empty_like(p) for p in params)]
 
 
 def _setup_context(ctx, inputs, output):
-    args = dict(zip(_INPUTS, inputs))
-    ctx.flags = tuple(args[k] for k in ("use_avg", "use_max", "act", "gate", "bn_eps",
-                                        "batch_stats", "max_first"))
-    out = output[0] if args["residual"] is not None else None
-    ctx.save_for_backward(args["x"], out, *(args[k] for k in _PARAMS), *output[1:])
+    (x, residual, params, present, _, _, eps, batch_stats, *cfg) = inputs
+    ctx.set_materialize_grads(False)
+    ctx.flags = (eps, batch_stats, *cfg)
+    ctx.present = present
+    ctx.count = len(params)
+    ctx.save_for_backward(x, output[0] if residual is not None else None, *params, *output[1:])
 
 
-def _backward(ctx, gy, *unused):
-    x, out, w1, b1, w2, b2, conv_w, bn_w, bn_b, *saved = ctx.saved_tensors
-    g = gate_backward(gy, x, out, w1, b1, w2, b2, *ctx.flags[:4], conv_w, bn_w, bn_b,
-                      *ctx.flags[4:], *saved)
-    gx, gw1, gb1, gw2, gb2, gconv, gbn_w, gbn_b, gres = [_opt(t) for t in g]
-    return (gx, gres, gw1, gb1, gw2, gb2, None, None, None, None, gconv, gbn_w, gbn_b, None, None,
-            None, None, None)
+def _backward(ctx, grads):
+    gy = grads[0]
+    if gy is None:
+        return (None, None, [None] * ctx.count) + (None,) * 10
+    x, out, *rest = ctx.saved_tensors
+    params, saved = rest[:ctx.count], rest[ctx.count:]
+    gx, gres, *gparams = gate_backward(gy, x, out, params, ctx.present, saved, *ctx.flags)
+    return (gx, gres if out is not None else None, gparams) + (None,) * 10
 
 
 gate_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _empties(x: Tensor, count: int, dtype: torch.dtype) -> List[Tensor]:
-    """Distinct empty placeholders for the outputs of absent gates (outputs may not alias)."""
-    return [x.new_empty(0, dtype=dtype) for _ in range(count)]
-
-
-def _opt(t: Tensor) -> Optional[Tensor]:
-    """Empty placeholder -> None."""
-    return None if t.numel() == 0 and t.dim() == 1 else t

@@ -1,24 +1,22 @@
-"""Glue shared by every module: input checks, the fused call, BatchNorm running statistics.
+"""Glue shared by every module: input checks and the call of the fused gate.
 
-:func:`apply_attention` is the single place where a channel gate and/or a spatial gate meet the
-fused op, so SE, ChannelGate, SpatialGate and CBAM all run the same code.
+The modules (``ChannelGate``, ``SpatialGate``, ``SE``, ``CBAM``) hand over plain tensors and
+tuples -- their :class:`~cbam_kernels.gate_math.GateParams`, :class:`GateConfig` and the
+:class:`BatchNormState` of their own BatchNorm -- so nothing here reaches back into a module.
+Everything per call is cheap checks; nothing walks the module tree.
 """
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from .gate_math import BatchNormState, GateConfig, GateParams
 from .gate_op import attention_gate
 
-if TYPE_CHECKING:
-    from .channel_gate import ChannelGate
-    from .spatial_gate import SpatialGate
 
-
-def check_input(x: Tensor, channels: Optional[int], module: nn.Module) -> None:
-    """Raise a clear error for an input the fused gates cannot take."""
-    name = type(module).__name__
+def check_input(x: Tensor, channels: Optional[int], name: str, param: Tensor) -> None:
+    """Raise a clear error for an input the fused gates cannot take (``name``: the module's
+    class; ``param``: one of its parameters, whose device x must share)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -28,10 +26,9 @@ def check_input(x: Tensor, channels: Optional[int], module: nn.Module) -> None:
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} was built for {channels} channels, got an input with "
                          f"{x.shape[1]} channels (shape {tuple(x.shape)})")
-    for pname, p in module.named_parameters():
-        if p.device != x.device:
-            raise RuntimeError(f"{name}: input is on {x.device} but parameter {pname!r} is on "
-                               f"{p.device}; move the module with .to({str(x.device)!r})")
+    if param.device != x.device:
+        raise RuntimeError(f"{name}: input is on {x.device} but parameters are on "
+                           f"{param.device}; move the module with .to({str(x.device)!r})")
 
 
 def check_residual(x: Tensor, residual: Tensor) -> None:
@@ -42,30 +39,11 @@ def check_residual(x: Tensor, residual: Tensor) -> None:
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")
 
 
-def apply_attention(x: Tensor, channel: Optional["ChannelGate"] = None,
-                    spatial: Optional["SpatialGate"] = None,
-                    residual: Optional[Tensor] = None) -> Tensor:
-    """y = x * channel_gate(x) * spatial_gate(x * channel_gate(x)), fused where possible.
-
-    Either gate may be None. With ``residual`` (x's shape and dtype), returns the ResNet block
-    epilogue relu(y + residual) instead, fused into the same pass. A spatial gate whose
-    BatchNorm cannot be fused (a SyncBatchNorm or another norm in training mode) runs its small
-    part eagerly after a fused channel gate.
-    """
+def apply_attention(x: Tensor, residual: Optional[Tensor], params: GateParams,
+                    cfg: GateConfig, bn: BatchNormState = BatchNormState()) -> Tensor:
+    """y = x * channel_gate(x) * spatial_gate(x * channel_gate(x)), fused (see
+    :func:`cbam_kernels.gate_op.attention_gate`); with ``residual`` the ResNet block epilogue
+    relu(y + residual) in the same pass."""
     if residual is not None:
         check_residual(x, residual)
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    if spatial is not None and not spatial.fusable():
-        x1 = apply_attention(x, channel) if channel is not None else x
-        y = spatial.forward_eager(x1)
-        return y if residual is None else torch.relu(y + residual)
-    kwargs = {}
-    if channel is not None:
-        kwargs.update(channel.gate_args())
-    if spatial is not None:
-        kwargs.update(spatial.gate_args(x))
-    y, stats = attention_gate(x, residual, **kwargs)
-    if spatial is not None:
-        spatial.update_running_stats(stats, x.shape[0] * x.shape[2] * x.shape[3])
-    return y
+    return attention_gate(x, residual, params, cfg, bn)

@@ -18,12 +18,48 @@ Shared conventions:
 * Arg-max indices are int32; ties go to the first (lowest) index.
 * ``None`` for ``ca``, ``sa`` or a gradient means "that factor is absent" (SE has no spatial
   gate, the spatial gate alone has no channel gate).
+
+The kernel backends return their reductions unfinished, as :class:`Partials`: the reduced axis
+is cut into S consecutive ranges and each range gets its own sum (and max and arg-max); the
+small kernel that consumes them combines the S results in range order, as
+:func:`combine_partials` specifies, so no extra launch combines them and results are
+deterministic.
 """
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+
+class Partials(NamedTuple):
+    """A reduction over one axis of x, split into S consecutive ranges of that axis.
+
+    ``sum`` (S, N, K) float32: per range, the sum of the values divided by the reduction's
+    divisor (the axis length for a mean, 1 for a sum), so that the S entries add up to the
+    result. ``max`` and ``arg`` (S, N, K) float32 and int32, or None: per range, the max and the
+    index (along the whole axis) of its first occurrence; a NaN wins over numbers, the first
+    NaN over later ones. K is the kept axis: C for a reduction over H*W, H*W for one over C.
+    """
+
+    sum: Tensor
+    max: Optional[Tensor] = None
+    arg: Optional[Tensor] = None
+
+
+def combine_partials(partials: Partials) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The finished reduction (N, K): the sum of the ranges' sums, and the max with its first
+    index, taken over the ranges in order (a NaN wins; among equal maxima the earliest range,
+    which holds the lowest index). This is how the kernels' consumers combine partials."""
+    total = partials.sum.sum(dim=0)
+    if partials.max is None:
+        return total, None, None
+    mx, arg = partials.max[0], partials.arg[0]
+    for s in range(1, partials.max.shape[0]):
+        m, a = partials.max[s], partials.arg[s]
+        take = (m > mx) | (m.isnan() & ~mx.isnan())
+        mx, arg = torch.where(take, m, mx), torch.where(take, a, arg)
+    return total, mx, arg
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:

@@ -1,19 +1,23 @@
 """The six full-size passes of CBAM and SE as Triton kernels.
 
-Same functions, signatures and results as :mod:`cbam_kernels.passes_torch` (the specification),
-for float16, bfloat16 and float32 ``x`` and ``gy``, accumulating in float32. Two kernels do all
-the work:
+Same functions and results as :mod:`cbam_kernels.passes_torch` (the specification), for
+float16, bfloat16 and float32 ``x`` and ``gy``, accumulating in float32, with two differences
+that save launches: the reductions return their :class:`~cbam_kernels.passes_torch.Partials`
+unfinished (the small kernel that reads them finishes them), and the first backward reduction
+applies the ResNet epilogue's ReLU mask itself. Two kernels do all the work:
 
 * ``_reduce_kernel`` sums (and optionally takes the first arg-max of) a value over H*W or over C.
   The value is ``x * ca * gx1(gy)`` with each factor optional, which covers ``pool_hw`` (x over
   H*W), ``channel_pool`` (x * ca over C), ``grad_spatial`` (x * ca * gy over C) and
-  ``grad_channel`` (x * gx1 over H*W). Each program reduces one contiguous range of the reduced
-  axis for one block of the kept axis of one sample and writes float32 partials to an
-  (N, S, K) buffer; the S splits are combined with torch ops in a fixed order (no atomics, so
-  results are deterministic).
+  ``grad_channel`` (x * gx1 over H*W). Each program reduces one contiguous range (of S) of the
+  reduced axis for one block of the kept axis of one sample and writes its results to
+  (S, N, K) partials. With ``out`` (the forward output relu(... + residual)), gy is first
+  zeroed where out <= 0 (the ReLU's backward) and written to ``gres``, the residual's gradient.
 * ``_gate_kernel`` writes ``gx1(src) * ca + ga / (H*W) + gm * [hw == pstar]``: ``grad_input``
   with src = gy, and ``apply_gates`` (y = x * sa * ca, or the ResNet block epilogue
-  relu(x * sa * ca + residual)) with src = x and no gradient terms.
+  relu(x * sa * ca + residual)) with src = x and no gradient terms. ``grad_input`` may carry
+  the parameter-gradient tasks of ``gate_math_triton.param_grads_task``, which its first
+  programs run (one launch for both).
 
 ``gx1 = gy * sa + gp_mean / C + gp_max * [c == cstar]`` is the gradient reaching x1 = x * ca;
 constexpr flags drop absent factors, so SE, the spatial gate alone and CBAM share the kernels.
@@ -22,7 +26,8 @@ Layouts: a 4-D tensor is addressed as (N, C, H*W) with strides (sN, sC, sHW), wh
 NCHW, channels_last and every other layout whose H and W dims merge; each kernel tile is
 [BLOCK_C, BLOCK_HW], wide along the axis that is contiguous in memory. A tensor whose H and W
 do not merge is copied once with ``.contiguous()`` (an output of such a layout is written to a
-contiguous buffer and copied into place).
+contiguous buffer and copied into place). Launch plans (tiles, splits, grids) depend on shapes,
+strides and flags only, and are cached.
 """
 
 import functools
@@ -32,13 +37,18 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+
+from .gate_math_triton import ParamGrads, param_grads_task
+from .passes_torch import Partials
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE = 4096             # elements per program tile
 FAST_BLOCK_MAX = 1024   # widest block along the contiguous axis
 MIXED_BLOCK_MAX = 64    # widest block along either axis when tensors disagree on the layout
-PROGRAMS_PER_SM = 4     # reductions split until they launch about this many programs per SM
+TARGET_PROGRAMS = 512   # reductions split until they launch about this many programs
 NO_INDEX = tl.constexpr(2**31 - 1)
+TAKES_PARAM_GRADS = True  # grad_input runs the parameter-gradient tasks in its own launch
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -106,16 +116,19 @@ def _max_finish(best, best_idx, AXIS: tl.constexpr):
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _reduce_kernel(x_ptr, gy_ptr, ca_ptr, sa_ptr, gp_ptr, cstar_ptr, sum_ptr, max_ptr, idx_ptr,
-                   C, HW, divisor, kept_blocks, splits, chunk,
-                   x_sn, x_sc, x_shw, gy_sn, gy_sc, gy_shw,
+def _reduce_kernel(x_ptr, gy_ptr, out_ptr, gres_ptr, ca_ptr, sa_ptr, gp_ptr, cstar_ptr,
+                   sum_ptr, max_ptr, idx_ptr, N, C, HW, divisor, kept_blocks, splits, chunk,
+                   x_sn, x_sc, x_shw, gy_sn, gy_sc, gy_shw, o_sn, o_sc, o_shw,
+                   g_sn, g_sc, g_shw,
                    OVER_C: tl.constexpr, WITH_MAX: tl.constexpr, HAS_CA: tl.constexpr,
-                   HAS_GY: tl.constexpr, HAS_SA: tl.constexpr, HAS_GP: tl.constexpr,
-                   MAX_PLANE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                   HAS_GY: tl.constexpr, HAS_OUT: tl.constexpr, HAS_SA: tl.constexpr,
+                   HAS_GP: tl.constexpr, MAX_PLANE: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_HW: tl.constexpr):
     """Partials over the range [split * chunk, (split + 1) * chunk) of the reduced axis (C when
-    OVER_C, else H*W) of v = x * ca * gx1(gy): sum / divisor, and with WITH_MAX the max of v and
-    its first index. ``chunk`` is a multiple of the reduced axis' block. Grid: N * kept_blocks *
-    splits programs; partials are (N, splits, K) with K the kept axis' length."""
+    OVER_C, else H*W) of v = x * ca * gx1(g): sum / divisor, and with WITH_MAX the max of v and
+    its first index. g = gy, or with HAS_OUT gy zeroed where out <= 0 (and written to gres).
+    ``chunk`` is a multiple of the reduced axis' block. Grid: N * kept_blocks * splits programs;
+    partials are (splits, N, K) with K the kept axis' length."""
     pid = tl.program_id(0)
     split = pid % splits
     block = (pid // splits) % kept_blocks
@@ -134,8 +147,13 @@ def _reduce_kernel(x_ptr, gy_ptr, ca_ptr, sa_ptr, gp_ptr, cstar_ptr, sum_ptr, ma
         if HAS_CA:
             v = v * _load_vec(ca_ptr + n * C, c, C)[:, None]
         if HAS_GY:
-            gy = _load_tile(gy_ptr, n, c, hw, mask, gy_sn, gy_sc, gy_shw)
-            v = v * _grad_x1(gy, n, c, hw, C, HW, sa_ptr, gp_ptr, cstar_ptr,
+            g = _load_tile(gy_ptr, n, c, hw, mask, gy_sn, gy_sc, gy_shw)
+            if HAS_OUT:
+                shut = _load_tile(out_ptr, n, c, hw, mask, o_sn, o_sc, o_shw) <= 0
+                g = tl.where(shut, 0.0, g)  # a NaN output passes g, as threshold_backward
+                tl.store(gres_ptr + n * g_sn + _offsets(c, hw, g_sc, g_shw),
+                         g.to(gres_ptr.dtype.element_ty), mask=mask)
+            v = v * _grad_x1(g, n, c, hw, C, HW, sa_ptr, gp_ptr, cstar_ptr,
                              HAS_SA, HAS_GP, MAX_PLANE)
         total += v
         if WITH_MAX:
@@ -147,7 +165,7 @@ def _reduce_kernel(x_ptr, gy_ptr, ca_ptr, sa_ptr, gp_ptr, cstar_ptr, sum_ptr, ma
     else:
         kept = block * BLOCK_C + tl.arange(0, BLOCK_C)
         K = C
-    out = (n * splits + split) * K + kept
+    out = (split * N + n) * K + kept
     AXIS: tl.constexpr = 0 if OVER_C else 1
     tl.store(sum_ptr + out, tl.sum(total, AXIS) / divisor, mask=kept < K)
     if WITH_MAX:
@@ -159,34 +177,51 @@ def _reduce_kernel(x_ptr, gy_ptr, ca_ptr, sa_ptr, gp_ptr, cstar_ptr, sum_ptr, ma
 @triton.jit
 def _gate_kernel(src_ptr, res_ptr, out_ptr, ca_ptr, sa_ptr, gp_ptr, cstar_ptr, ga_ptr, gm_ptr,
                  pstar_ptr, C, HW, c_blocks, hw_blocks, src_sn, src_sc, src_shw,
-                 res_sn, res_sc, res_shw, out_sn, out_sc, out_shw,
+                 res_sn, res_sc, res_shw, out_sn, out_sc, out_shw, tail_tasks,
+                 t_n, t_c, t_r, gz, ghidden, pooled, hidden, gw1, sg1_r, sg1_c, gb1, gw2, sg2_c,
+                 sg2_r, gb2, programs, wpart, bn_part, gconv, sgc_ch, sgc_i, sgc_j, gbn_w, gbn_b,
                  HAS_CA: tl.constexpr, HAS_SA: tl.constexpr, HAS_GP: tl.constexpr,
                  MAX_PLANE: tl.constexpr, HAS_GA: tl.constexpr, HAS_GM: tl.constexpr,
-                 HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """out = gx1(src) * ca + ga / HW + gm * [hw == pstar] on one tile, then relu(out + res)
-    with HAS_RES; grid N * c_blocks * hw_blocks programs."""
+                 HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                 CHANNEL: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr,
+                 HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, SPATIAL: tl.constexpr,
+                 KSIZE: tl.constexpr, HAS_BN_W: tl.constexpr, HAS_BN_B: tl.constexpr,
+                 T_BLOCK_C: tl.constexpr, T_BLOCK_R: tl.constexpr, PBLOCK: tl.constexpr,
+                 TBLOCK: tl.constexpr):
+    """Programs [0, tail_tasks): the parameter-gradient tasks (arguments t_n ... TBLOCK, see
+    ``gate_math_triton.param_grads_task``). The others, one tile each (N * c_blocks *
+    hw_blocks): out = gx1(src) * ca + ga / HW + gm * [hw == pstar], then relu(out + res) with
+    HAS_RES."""
     pid = tl.program_id(0)
-    hw_block = pid % hw_blocks
-    c_block = (pid // hw_blocks) % c_blocks
-    n = (pid // (hw_blocks * c_blocks)).to(tl.int64)
-    c, hw, mask = _tile(c_block * BLOCK_C, hw_block * BLOCK_HW, C, HW, BLOCK_C, BLOCK_HW)
-    src = _load_tile(src_ptr, n, c, hw, mask, src_sn, src_sc, src_shw)
-    g = _grad_x1(src, n, c, hw, C, HW, sa_ptr, gp_ptr, cstar_ptr, HAS_SA, HAS_GP, MAX_PLANE)
-    if HAS_CA:
-        g = g * _load_vec(ca_ptr + n * C, c, C)[:, None]
-    if HAS_GA:
-        g = g + (_load_vec(ga_ptr + n * C, c, C) / HW)[:, None]
-    if HAS_GM:
-        is_max = hw[None, :] == _load_vec(pstar_ptr + n * C, c, C)[:, None]
-        g = g + tl.where(is_max, _load_vec(gm_ptr + n * C, c, C)[:, None], 0.0)
-    if HAS_RES:
-        g = g + _load_tile(res_ptr, n, c, hw, mask, res_sn, res_sc, res_shw)
-        g = tl.where(g < 0, 0.0, g)  # relu that keeps NaN, as torch.relu
-    out = out_ptr + n * out_sn + _offsets(c, hw, out_sc, out_shw)
-    tl.store(out, g.to(out_ptr.dtype.element_ty), mask=mask)
+    if pid < tail_tasks:
+        param_grads_task(pid, t_n, t_c, t_r, gz, ghidden, pooled, hidden, gw1, sg1_r, sg1_c,
+                         gb1, gw2, sg2_c, sg2_r, gb2, programs, wpart, bn_part, gconv, sgc_ch,
+                         sgc_i, sgc_j, gbn_w, gbn_b, CHANNEL, K, ACT, HAS_B1, HAS_B2, SPATIAL,
+                         KSIZE, HAS_BN_W, HAS_BN_B, T_BLOCK_C, T_BLOCK_R, PBLOCK, TBLOCK)
+    else:
+        pid -= tail_tasks
+        hw_block = pid % hw_blocks
+        c_block = (pid // hw_blocks) % c_blocks
+        n = (pid // (hw_blocks * c_blocks)).to(tl.int64)
+        c, hw, mask = _tile(c_block * BLOCK_C, hw_block * BLOCK_HW, C, HW, BLOCK_C, BLOCK_HW)
+        src = _load_tile(src_ptr, n, c, hw, mask, src_sn, src_sc, src_shw)
+        g = _grad_x1(src, n, c, hw, C, HW, sa_ptr, gp_ptr, cstar_ptr, HAS_SA, HAS_GP,
+                     MAX_PLANE)
+        if HAS_CA:
+            g = g * _load_vec(ca_ptr + n * C, c, C)[:, None]
+        if HAS_GA:
+            g = g + (_load_vec(ga_ptr + n * C, c, C) / HW)[:, None]
+        if HAS_GM:
+            is_max = hw[None, :] == _load_vec(pstar_ptr + n * C, c, C)[:, None]
+            g = g + tl.where(is_max, _load_vec(gm_ptr + n * C, c, C)[:, None], 0.0)
+        if HAS_RES:
+            g = g + _load_tile(res_ptr, n, c, hw, mask, res_sn, res_sc, res_shw)
+            g = tl.where(g < 0, 0.0, g)  # relu that keeps NaN, as torch.relu
+        out = out_ptr + n * out_sn + _offsets(c, hw, out_sc, out_shw)
+        tl.store(out, g.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------- launch helpers
+# ----------------------------------------------------------------------------- launch plans
 
 def _hw_stride(t: Tensor) -> Optional[int]:
     """Stride of t's merged H*W axis, or None when its H and W dims do not merge."""
@@ -201,20 +236,43 @@ def _hw_stride(t: Tensor) -> Optional[int]:
 def _as_nc_hw(t: Tensor) -> Tuple[Tensor, Tuple[int, int, int]]:
     """``t`` (copied to contiguous if its H and W do not merge) and its (sN, sC, sHW) strides."""
     assert t.dtype in KERNEL_DTYPES, f"Triton passes take float16/bfloat16/float32, got {t.dtype}"
-    if _hw_stride(t) is None:
+    s_hw = _hw_stride(t)
+    if s_hw is None:
         t = t.contiguous()
-    strides = (t.stride(0), t.stride(1), _hw_stride(t))
+        s_hw = _hw_stride(t)
     _, c, h, w = t.shape
-    assert (c - 1) * strides[1] + (h * w - 1) * strides[2] < 2**31, \
+    s_n, s_c = t.stride(0), t.stride(1)
+    assert (c - 1) * s_c + (h * w - 1) * s_hw < 2**31, \
         "one sample spans 2**31 elements or more; int32 offsets would overflow"
-    return t, strides
+    return t, (s_n, s_c, s_hw)
 
 
+def _full_output(like: Tensor) -> Tuple[Tensor, Tensor]:
+    """A full-size output laid out like ``torch.empty_like(like)``, and the tensor a kernel
+    writes: the output itself, or a contiguous buffer when its H and W do not merge."""
+    out = torch.empty_like(like)
+    if _hw_stride(out) is not None:
+        return out, out
+    return out, torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def _finish(out: Optional[Tensor], dst: Optional[Tensor]) -> Optional[Tensor]:
+    """``out`` once the kernel has written ``dst`` (copied into place if it is a buffer)."""
+    if dst is not out:
+        out.copy_(dst)
+    return out
+
+
+def _c_fastest(strides: Tuple[int, int, int]) -> bool:
+    return strides[1] == 1 and strides[2] != 1
+
+
+@functools.lru_cache(maxsize=4096)
 def _blocks(c: int, hw: int, *strides: Tuple[int, int, int]) -> Tuple[int, int]:
     """(BLOCK_C, BLOCK_HW): about TILE elements, wide along the axis that the tensors with these
     strides store contiguously (channels for channels_last, H*W otherwise); at most
     MIXED_BLOCK_MAX wide on either axis when the tensors disagree."""
-    c_fastest = [s_c == 1 and s_hw != 1 for _, s_c, s_hw in strides]
+    c_fastest = [_c_fastest(st) for st in strides]
     fast_max = FAST_BLOCK_MAX if len(set(c_fastest)) == 1 else MIXED_BLOCK_MAX
     fast, slow = (c, hw) if c_fastest[0] else (hw, c)
     block_fast = min(triton.next_power_of_2(fast), fast_max)
@@ -226,9 +284,29 @@ def _num_warps(block_c: int, block_hw: int) -> int:
     return max(1, min(8, block_c * block_hw // 512))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=4096)
+def _reduce_plan(n: int, c: int, hw: int, over_c: bool, split: Optional[int],
+                 *strides: Tuple[int, int, int]) -> Tuple[int, int, int, int, int]:
+    """(block_c, block_hw, kept_blocks, splits, chunk) of a reduction: ``split`` ranges of the
+    reduced axis if given, else enough for about TARGET_PROGRAMS programs (at most one range
+    per block of the reduced axis). The shape alone decides, so results are the same on every
+    GPU."""
+    block_c, block_hw = _blocks(c, hw, *strides)
+    length, kept = (c, hw) if over_c else (hw, c)
+    step, kept_block = (block_c, block_hw) if over_c else (block_hw, block_c)
+    kept_blocks = _cdiv(kept, kept_block)
+    if split is None:
+        split = min(_cdiv(TARGET_PROGRAMS, n * kept_blocks), _cdiv(length, step))
+    split = max(1, min(split, length))
+    step = min(step, triton.next_power_of_2(_cdiv(length, split)))
+    chunk = _cdiv(_cdiv(length, split), step) * step
+    splits = _cdiv(length, chunk)
+    block_c, block_hw = (step, kept_block) if over_c else (kept_block, step)
+    return block_c, block_hw, kept_blocks, splits, chunk
 
 
 def _small(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -236,78 +314,57 @@ def _small(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _reduce(x: Tensor, over_c: bool, with_max: bool, divisor: int, split: Optional[int],
-            gy: Optional[Tensor] = None, ca: Optional[Tensor] = None, sa: Optional[Tensor] = None,
+            gy: Optional[Tensor] = None, out: Optional[Tensor] = None,
+            ca: Optional[Tensor] = None, sa: Optional[Tensor] = None,
             gp: Optional[Tensor] = None, cstar: Optional[Tensor] = None,
-            max_first: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Launch ``_reduce_kernel`` and combine its splits: (sum / divisor, max, first arg-max),
-    each (N, K) with K = H*W when ``over_c`` else C; max and arg-max are None without
-    ``with_max``. Splits: ``split`` if given, else enough for PROGRAMS_PER_SM programs per SM on
-    CUDA (at most one per block of the reduced axis) and 1 elsewhere."""
+            max_first: bool = True) -> Tuple[Partials, Optional[Tensor]]:
+    """Launch ``_reduce_kernel``: the partials (S, N, K) with K = H*W when ``over_c`` else C,
+    and with ``out`` the masked gy (laid out like ``torch.empty_like(x)``), else None."""
     n, c, h, w = x.shape
     assert gy is None or gy.shape == x.shape, "gy and x differ in shape"
+    assert out is None or out.shape == x.shape, "out and x differ in shape"
+    gres = dst = None
+    if out is not None:
+        gres, dst = _full_output(x)
     x, x_strides = _as_nc_hw(x)
     gy, gy_strides = _as_nc_hw(gy) if gy is not None else (None, x_strides)
+    out, out_strides = _as_nc_hw(out) if out is not None else (None, x_strides)
+    dst, gres_strides = _as_nc_hw(dst) if dst is not None else (None, x_strides)
     length, kept = (c, h * w) if over_c else (h * w, c)
     if x.numel() == 0:  # no launch: an empty sum is 0 and an empty mean NaN, as in torch
         if with_max and n * kept > 0:
             raise RuntimeError("cannot take the max over a zero-size axis")
-        sums = torch.zeros((n, kept), dtype=torch.float32, device=x.device) / divisor
-        return (sums, sums.clone(), sums.int()) if with_max else (sums, None, None)
-    block_c, block_hw = _blocks(c, h * w, x_strides, gy_strides)
-    step, kept_block = (block_c, block_hw) if over_c else (block_hw, block_c)
-    kept_blocks = triton.cdiv(kept, kept_block)
-    if split is None:
-        wanted = PROGRAMS_PER_SM * _sm_count(x.device) if x.is_cuda else 1
-        split = min(triton.cdiv(wanted, n * kept_blocks), triton.cdiv(length, step))
-    split = max(1, min(split, length))
-    step = min(step, triton.next_power_of_2(triton.cdiv(length, split)))
-    chunk = triton.cdiv(triton.cdiv(length, split), step) * step
-    splits = triton.cdiv(length, chunk)
-    block_c, block_hw = (step, kept_block) if over_c else (kept_block, step)
-
-    sums = torch.empty((n, splits, kept), dtype=torch.float32, device=x.device)
+        sums = torch.zeros((1, n, kept), dtype=torch.float32, device=x.device) / divisor
+        maxes = (sums.clone(), sums.int()) if with_max else (None, None)
+        return Partials(sums, *maxes), gres
+    block_c, block_hw, kept_blocks, splits, chunk = _reduce_plan(
+        n, c, h * w, over_c, split, x_strides, gy_strides, out_strides, gres_strides)
+    sums = torch.empty((splits, n, kept), dtype=torch.float32, device=x.device)
     maxes = torch.empty_like(sums) if with_max else None
     idx = torch.empty_like(sums, dtype=torch.int32) if with_max else None
     _reduce_kernel[(n * kept_blocks * splits,)](
-        x, gy, _small(ca), _small(sa), _small(gp), _small(cstar), sums, maxes, idx,
-        c, h * w, divisor, kept_blocks, splits, chunk, *x_strides, *gy_strides,
-        OVER_C=over_c, WITH_MAX=with_max, HAS_CA=ca is not None, HAS_GY=gy is not None,
-        HAS_SA=sa is not None, HAS_GP=gp is not None, MAX_PLANE=0 if max_first else 1,
-        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_num_warps(block_c, block_hw))
-    if not with_max:
-        return sums.view(n, kept) if splits == 1 else sums.sum(dim=1), None, None
-    if splits == 1:
-        return sums.view(n, kept), maxes.view(n, kept), idx.view(n, kept)
-    row_max = maxes.amax(dim=1)
-    hit = (maxes == row_max[:, None]) | (maxes.isnan() & row_max.isnan()[:, None])
-    return sums.sum(dim=1), row_max, torch.where(hit, idx, NO_INDEX.value).amin(dim=1)
+        x, gy, out, dst, _small(ca), _small(sa), _small(gp), _small(cstar), sums, maxes, idx,
+        n, c, h * w, divisor, kept_blocks, splits, chunk, *x_strides, *gy_strides, *out_strides,
+        *gres_strides, OVER_C=over_c, WITH_MAX=with_max, HAS_CA=ca is not None,
+        HAS_GY=gy is not None, HAS_OUT=out is not None, HAS_SA=sa is not None,
+        HAS_GP=gp is not None, MAX_PLANE=0 if max_first else 1, BLOCK_C=block_c,
+        BLOCK_HW=block_hw, num_warps=_num_warps(block_c, block_hw))
+    return Partials(sums, maxes, idx), _finish(gres, dst)
 
 
 # ----------------------------------------------------------------------------- the passes
 
-def pool_hw(x: Tensor, with_max: bool, *, split: Optional[int] = None
-            ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Global pooling over H*W: (mean, max, first arg-max as int32), each (N, C) float32.
-
-    With ``with_max=False`` max and arg-max are empty. ``split`` overrides the number of H*W
-    ranges reduced by separate programs (see ``_reduce``).
-    """
+def pool_hw(x: Tensor, with_max: bool, *, split: Optional[int] = None) -> Partials:
+    """Global pooling over H*W as partials (S, N, C): mean, and with ``with_max`` the max and
+    its first index (None otherwise). ``split`` sets the number of H*W ranges S."""
     h, w = x.shape[2:]
-    avg, row_max, arg = _reduce(x, over_c=False, with_max=with_max, divisor=h * w, split=split)
-    if not with_max:
-        return avg, avg.new_empty(0), torch.empty(0, dtype=torch.int32, device=x.device)
-    return avg, row_max, arg
+    return _reduce(x, over_c=False, with_max=with_max, divisor=h * w, split=split)[0]
 
 
-def channel_pool(x: Tensor, ca: Optional[Tensor], max_first: bool, *,
-                 split: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-    """Pool x1 = x * ca over channels: p (N, 2, H, W) float32 holding [max, mean] when
-    ``max_first`` else [mean, max], and the first channel arg-max cstar (N, H, W) int32.
-    ``split`` overrides the number of channel ranges reduced by separate programs."""
-    n, c, h, w = x.shape
-    mean, row_max, arg = _reduce(x, over_c=True, with_max=True, divisor=c, split=split, ca=ca)
-    pair = (row_max, mean) if max_first else (mean, row_max)
-    return torch.stack(pair, dim=1).view(n, 2, h, w), arg.view(n, h, w)
+def channel_pool(x: Tensor, ca: Optional[Tensor], *, split: Optional[int] = None) -> Partials:
+    """Pooling of x1 = x * ca over channels as partials (S, N, H*W): mean, max and the first
+    channel arg-max. ``split`` sets the number of channel ranges S."""
+    return _reduce(x, over_c=True, with_max=True, divisor=x.shape[1], split=split, ca=ca)[0]
 
 
 def apply_gates(x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
@@ -317,62 +374,80 @@ def apply_gates(x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
     return _gate(x, x, ca, sa, None, None, True, None, None, None, residual)
 
 
-def grad_spatial(gy: Tensor, x: Tensor, ca: Optional[Tensor], *,
-                 split: Optional[int] = None) -> Tensor:
-    """gsa[n, h, w] = sum_c gy * x * ca, (N, H, W) float32. ``split``: channel ranges."""
-    n, _, h, w = x.shape
-    gsa, _, _ = _reduce(x, over_c=True, with_max=False, divisor=1, split=split, gy=gy, ca=ca)
-    return gsa.view(n, h, w)
+def grad_spatial(gy: Tensor, x: Tensor, ca: Optional[Tensor], out: Optional[Tensor] = None, *,
+                 split: Optional[int] = None) -> Tuple[Partials, Optional[Tensor]]:
+    """Partials (S, N, H*W) of gsa = sum_c g * x * ca, with g = gy, or with ``out`` gy zeroed
+    where out <= 0 (``threshold_backward(gy, out, 0)``); that g (None without ``out``).
+    ``split``: channel ranges."""
+    return _reduce(x, over_c=True, with_max=False, divisor=1, split=split, gy=gy, out=out, ca=ca)
 
 
 def grad_channel(gy: Tensor, x: Tensor, sa: Optional[Tensor], gp: Optional[Tensor],
-                 cstar: Optional[Tensor], max_first: bool, *,
-                 split: Optional[int] = None) -> Tensor:
-    """gca[n, c] = sum_hw gx1 * x, (N, C) float32, with
-    gx1 = gy * sa + gp_mean / C + gp_max * [c == cstar]. ``split``: H*W ranges."""
+                 cstar: Optional[Tensor], max_first: bool, out: Optional[Tensor] = None, *,
+                 split: Optional[int] = None) -> Tuple[Partials, Optional[Tensor]]:
+    """Partials (S, N, C) of gca = sum_hw gx1 * x, with
+    gx1 = g * sa + gp_mean / C + gp_max * [c == cstar] and g as in :func:`grad_spatial`; the
+    masked gy (None without ``out``). ``split``: H*W ranges."""
     assert gp is None or cstar is not None, "gp needs cstar"
-    gca, _, _ = _reduce(x, over_c=False, with_max=False, divisor=1, split=split, gy=gy, sa=sa,
-                        gp=gp, cstar=cstar, max_first=max_first)
-    return gca
+    return _reduce(x, over_c=False, with_max=False, divisor=1, split=split, gy=gy, out=out, sa=sa,
+                   gp=gp, cstar=cstar, max_first=max_first)
 
 
 def grad_input(gy: Tensor, x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
                gp: Optional[Tensor], cstar: Optional[Tensor], max_first: bool,
-               ga: Optional[Tensor], gm: Optional[Tensor], pstar: Optional[Tensor]) -> Tensor:
+               ga: Optional[Tensor], gm: Optional[Tensor], pstar: Optional[Tensor], *,
+               tail: Optional[ParamGrads] = None) -> Tensor:
     """gx = gx1 * ca + ga / (H*W) + gm * [hw == pstar] in x's dtype, laid out like
-    ``torch.empty_like(x)``; gx1 as in :func:`grad_channel`."""
+    ``torch.empty_like(x)``; gx1 as in :func:`grad_channel`. With ``tail``, the same launch also
+    fills the parameter gradients it describes."""
     assert gp is None or cstar is not None, "gp needs cstar"
     assert gm is None or pstar is not None, "gm needs pstar"
-    return _gate(gy, x, ca, sa, gp, cstar, max_first, ga, gm, pstar)
+    return _gate(gy, x, ca, sa, gp, cstar, max_first, ga, gm, pstar, tail=tail)
+
+
+_NO_TAIL = dict(args=(0,) * 3 + (None,) * 4 + (None, 0, 0, None, None, 0, 0, None, 0, None, None,
+                                                None, 0, 0, 0, None, None),
+                meta=dict(CHANNEL=False, K=1, ACT=0, HAS_B1=False, HAS_B2=False, SPATIAL=False,
+                          KSIZE=1, HAS_BN_W=False, HAS_BN_B=False, T_BLOCK_C=1, T_BLOCK_R=1,
+                          PBLOCK=1, TBLOCK=1))
+
+
+def _tail_launch_args(tail: Optional[ParamGrads]) -> Tuple[int, tuple, dict]:
+    """(tasks, runtime args, constexprs) of the parameter-gradient tail for ``_gate_kernel``."""
+    if tail is None:
+        return 0, _NO_TAIL["args"], _NO_TAIL["meta"]
+    return tail.tasks, tail.args, tail.meta
 
 
 def _gate(src: Tensor, like: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
           gp: Optional[Tensor], cstar: Optional[Tensor], max_first: bool, ga: Optional[Tensor],
           gm: Optional[Tensor], pstar: Optional[Tensor],
-          residual: Optional[Tensor] = None) -> Tensor:
+          residual: Optional[Tensor] = None, tail: Optional[ParamGrads] = None) -> Tensor:
     """Launch ``_gate_kernel`` on ``src`` (plus ``residual``, then relu, when given); the result
     has the dtype and layout of ``torch.empty_like(like)`` (written via a contiguous buffer if
     its H and W do not merge)."""
     assert src.shape == like.shape, "gy and x differ in shape"
     assert residual is None or residual.shape == like.shape, "residual and x differ in shape"
-    out = torch.empty_like(like)
+    out, dst = _full_output(like)
     if out.numel() == 0:
+        assert tail is None, "no parameter gradients from an empty batch"
         return out
+    tasks, tail_args, tail_meta = _tail_launch_args(tail)
     n, c, h, w = like.shape
     src, src_strides = _as_nc_hw(src)
-    dst = out if _hw_stride(out) is not None else torch.empty(like.shape, dtype=like.dtype,
-                                                              device=like.device)
     dst, dst_strides = _as_nc_hw(dst)
     residual, res_strides = _as_nc_hw(residual) if residual is not None else (None, src_strides)
     block_c, block_hw = _blocks(c, h * w, dst_strides, src_strides, res_strides)
-    c_blocks, hw_blocks = triton.cdiv(c, block_c), triton.cdiv(h * w, block_hw)
-    _gate_kernel[(n * c_blocks * hw_blocks,)](
+    c_blocks, hw_blocks = _cdiv(c, block_c), _cdiv(h * w, block_hw)
+    _gate_kernel[(tasks + n * c_blocks * hw_blocks,)](
         src, residual, dst, _small(ca), _small(sa), _small(gp), _small(cstar), _small(ga),
         _small(gm), _small(pstar), c, h * w, c_blocks, hw_blocks, *src_strides, *res_strides,
-        *dst_strides, HAS_CA=ca is not None, HAS_SA=sa is not None, HAS_GP=gp is not None,
-        MAX_PLANE=0 if max_first else 1, HAS_GA=ga is not None, HAS_GM=gm is not None,
-        HAS_RES=residual is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
-        num_warps=_num_warps(block_c, block_hw))
-    if dst is not out:
-        out.copy_(dst)
-    return out
+        *dst_strides, tasks, *tail_args, HAS_CA=ca is not None, HAS_SA=sa is not None,
+        HAS_GP=gp is not None, MAX_PLANE=0 if max_first else 1, HAS_GA=ga is not None,
+        HAS_GM=gm is not None, HAS_RES=residual is not None, BLOCK_C=block_c,
+        BLOCK_HW=block_hw, **tail_meta, num_warps=_num_warps(block_c, block_hw))
+    return _finish(out, dst)
+
+
+#: Whether these kernels run in Triton's interpreter (TRITON_INTERPRET=1 when first imported).
+INTERPRETED = isinstance(_gate_kernel, InterpretedFunction)

@@ -1,12 +1,13 @@
 """CBAM's spatial gate: y = x * sigmoid(BN(conv_kxk([max_c(x), mean_c(x)])))."""
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from .channel_gate import check_style
-from .gating import apply_attention, check_input
+from .gate_math import BatchNormState, GateConfig, GateParams
+from .gating import apply_attention, check_input, check_residual
 
 BN_MOMENTUM = {"official": 0.01, "timm": 0.1}
 
@@ -73,31 +74,24 @@ class SpatialGate(nn.Module):
             isinstance(bn, nn.modules.batchnorm._BatchNorm) and not bn.training
             and bn.running_mean is not None)
 
-    def gate_args(self, x: Tensor) -> Dict[str, object]:
-        """Keyword arguments of :func:`cbam_kernels.gate_op.attention_gate` for this gate."""
+    def gate_params(self) -> GateParams:
+        """The conv weight and BatchNorm affine terms as
+        :class:`~cbam_kernels.gate_math.GateParams`."""
+        block = self.block
+        return GateParams(conv_w=block.conv.weight, bn_w=block.bn.weight, bn_b=block.bn.bias)
+
+    def bn_state(self, x: Tensor) -> BatchNormState:
+        """This gate's BatchNorm for input ``x``: batch statistics (and their running update)
+        in training or without running statistics, else the running ones."""
         bn = self.block.bn
         batch_stats = bn.training or bn.running_mean is None
-        if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] == 1:
             raise ValueError("Expected more than 1 value per channel when training the spatial "
                              f"gate's BatchNorm, got input size {tuple(x.shape)}")
-        return dict(conv_w=self.block.conv.weight, bn_w=bn.weight, bn_b=bn.bias,
-                    bn_mean=None if batch_stats else bn.running_mean,
-                    bn_var=None if batch_stats else bn.running_var, bn_eps=bn.eps,
-                    batch_stats=batch_stats, max_first=self.max_first)
-
-    @torch.no_grad()
-    def update_running_stats(self, stats: Tensor, count: int) -> None:
-        """Fold the batch [mean, biased variance] of ``count`` values into the running stats."""
-        bn = self.block.bn
-        if not (bn.training and bn.track_running_stats):
-            return
-        bn.num_batches_tracked.add_(1)
-        factor = bn.momentum
-        if factor is None:  # cumulative moving average, as nn.BatchNorm2d
-            factor = (1.0 / bn.num_batches_tracked).to(bn.running_mean.dtype)
-        bn.running_mean.lerp_(stats[0:1].to(bn.running_mean.dtype), factor)
-        bn.running_var.lerp_((stats[1:2] * (count / (count - 1))).to(bn.running_var.dtype),
-                             factor)
+        tracked = bn.training and bn.track_running_stats
+        return BatchNormState(bn.running_mean, bn.running_var,
+                              bn.num_batches_tracked if tracked else None, bn.eps,
+                              bn.momentum, batch_stats)
 
     def forward_eager(self, x: Tensor) -> Tensor:
         """Unfused spatial gate through the submodules themselves (for norms it cannot fuse)."""
@@ -110,8 +104,14 @@ class SpatialGate(nn.Module):
 
         With ``residual``: relu(gated x + residual), the ResNet block epilogue, in the same pass.
         """
-        check_input(x, None, self)
-        return apply_attention(x, spatial=self, residual=residual)
+        check_input(x, None, type(self).__name__, self.block.conv.weight)
+        if not self.fusable():
+            if residual is not None:
+                check_residual(x, residual)
+            y = self.forward_eager(x)
+            return y if residual is None else torch.relu(y + residual)
+        return apply_attention(x, residual, self.gate_params(),
+                               GateConfig(max_first=self.max_first), self.bn_state(x))
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, style={self.style!r}"

@@ -84,3 +84,61 @@ def poison_free_memory():
         poison = [torch.full((1 << 24,), float("nan"), device=DEVICE)]  # large-block pool
         poison += [torch.full((1 << 17,), float("nan"), device=DEVICE) for _ in range(16)]
         poison.clear()
+
+
+def check_partials(partials, total, mx=None, arg=None, atol=1e-5):
+    """Reduction partials (``passes_torch.Partials``): (S, N, K) with S >= 1, float32 sums and
+    max, int32 arg, contiguous, max and arg present exactly when ``mx`` is given; combined in
+    range order (``combine_partials``) the sums equal ``total`` (N, K) to 1e-5 relative and
+    ``atol`` absolute (a long sum wants more), the max ``mx`` and the arg ``arg`` exactly (NaN
+    where the reference has NaN). Returns S."""
+    from cbam_kernels.passes_torch import combine_partials
+    s = partials.sum
+    assert s.dim() == 3 and s.shape[0] >= 1 and s.shape[1:] == total.shape
+    assert s.dtype == torch.float32 and s.is_contiguous()
+    assert (partials.max is None) == (mx is None) and (partials.arg is None) == (mx is None)
+    got_total, got_max, got_arg = combine_partials(partials)
+    torch.testing.assert_close(got_total, total, rtol=1e-5, atol=atol, equal_nan=True)
+    if mx is not None:
+        for t, dtype in ((partials.max, torch.float32), (partials.arg, torch.int32)):
+            assert t.shape == s.shape and t.dtype == dtype and t.is_contiguous()
+        torch.testing.assert_close(got_max, mx, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(got_arg, arg)
+    return s.shape[0]
+
+
+def relu_masked(gy, out):
+    """gy through the ReLU of the epilogue relu(... + residual) whose output is ``out``: 0 where
+    out <= 0, else gy (a NaN in out passes gy, as in autograd's ReLU)."""
+    return torch.ops.aten.threshold_backward(gy, out, 0)
+
+
+def check_masked_gy(gres, gy, out, x):
+    """The masked gy that a backward reduction returns with the epilogue output ``out``: exactly
+    :func:`relu_masked`, in x's dtype, laid out like ``torch.empty_like(x)``."""
+    assert gres.dtype == x.dtype and gres.shape == x.shape
+    assert gres.stride() == torch.empty_like(x).stride()
+    assert torch.equal(gres, relu_masked(gy, out))
+
+
+def odd_layout(name, shape, seed=0):
+    """A float32 tensor of ``shape`` on DEVICE in the layout ``name`` (neither NCHW nor
+    channels_last): "sliced" (H and W merge, H*W stride 2), "sliced_odd_w" (they do not merge),
+    "h_is_1" / "w_is_1" (a dimension of size 1 with an unrelated stride), "permuted_dense"
+    (dense, H and W apart), "expanded" (H*W stride 0) or "offset" (contiguous, but its data
+    starts one element past an aligned address)."""
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 2 * c, h + 2, 2 * w + 1, generator=g).to(DEVICE)
+    x = {
+        "sliced": lambda: base[:, ::2, :h, :-1].contiguous()[..., ::2],
+        "sliced_odd_w": lambda: base[:, :c, :h, 1::2],
+        "h_is_1": lambda: base[:, :c, 1:2, :w],
+        "w_is_1": lambda: base[:, :c, :h, 2:3],
+        "permuted_dense": lambda: base[:, :c, :h, :w].permute(0, 2, 1, 3).contiguous()
+                                                     .permute(0, 2, 1, 3),
+        "expanded": lambda: base[:, :c, :1, :1].expand(shape),
+        "offset": lambda: base.flatten()[1:1 + n * c * h * w].view(shape),
+    }[name]()
+    assert x.shape == shape
+    return x

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate, attention_gate
+from cbam_kernels.gate_math import GateConfig, GateParams
 from cbam_kernels.reference import OfficialCBAM
 
 MODULES = {"cbam": lambda: CBAM(8, 2), "se": lambda: SE(8, 2),
@@ -66,14 +67,19 @@ def test_empty_batch(device_backend, module):
     assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_empty_batch_through_the_op(device_backend):
-    """N=0 straight through the fused op (no module short-cut), forward and backward."""
-    x = torch.randn(0, 8, 5, 5, device=device_backend, requires_grad=True)
-    gate = CBAM(8, 2).to(device_backend).eval()
-    kwargs = dict(gate.channel_gate.gate_args(), **gate.spatial_gate.gate_args(x))
-    y, _ = attention_gate(x, **kwargs)
+@pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 8, 0, 5)], ids=str)
+def test_empty_batch_through_the_op(device_backend, shape):
+    """N=0 or H=0 straight through the fused op (no module short-cut): an empty result still
+    connected to autograd, zero gradients for x and every parameter (as nn.Conv2d gives)."""
+    x = torch.randn(shape, device=device_backend, requires_grad=True)
+    gate = CBAM(8, 2).to(device_backend).train()
+    spatial = gate.spatial_gate
+    params = GateParams(*gate.channel_gate.gate_params()[:4], *spatial.gate_params()[4:])
+    y = attention_gate(x, None, params, GateConfig(), spatial.bn_state(x))
     y.sum().backward()
     assert y.shape == x.shape and x.grad.shape == x.shape
+    assert all(p.grad is not None and not p.grad.any() for p in gate.parameters())
+    assert int(spatial.spatial.bn.num_batches_tracked) == 1  # counted, as nn.BatchNorm2d does
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

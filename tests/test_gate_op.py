@@ -1,33 +1,48 @@
-"""The custom ops themselves: gradcheck of the hand-written backward, opcheck, torch.compile."""
+"""The fused gate itself: gradcheck of the hand-written backward, each kernel pipeline against the
+specification pipeline (forward, saved tensors, running statistics and every gradient),
+opcheck of the custom ops, torch.compile, and what autograd saves."""
 
-import itertools
+import copy
 
 import pytest
 import torch
 
 import cbam_kernels
-from cbam_kernels import CBAM, SE
-from cbam_kernels.gate_op import attention_gate
-from gate_testing import distinct_max_input
+from cbam_kernels import CBAM, SE, backend, pipeline_torch
+from cbam_kernels.gate_math import BatchNormState, GateConfig, GateParams
+from cbam_kernels.gate_op import _pack
+from conftest import INTERPRET
+from gate_testing import EAGER_FACTOR, TOL_FLOOR, distinct_max_input, rel_err
+from pass_testing import DEVICE, to_layout
 
 F64 = torch.float64
+PARAMS = GateParams._fields
+CHANNEL, SPATIAL = PARAMS[:4], PARAMS[4:]
+# (gates, (use_avg, use_max))
+GATE_CONFIGS = [("cbam", (True, True)), ("cbam", (True, False)), ("cbam", (False, True)),
+                ("channel", (True, True)), ("spatial", (True, True))]
 
 
-def gate_inputs(n=3, c=6, h=4, w=5, r=3, k=3, dtype=F64, device="cpu"):
-    """Random inputs and parameters for the fused gate (leaves requiring grad)."""
+def gate_inputs(n=3, c=6, h=4, w=5, r=3, k=3, dtype=F64, device="cpu", param_dtype=None):
+    """x and every parameter (leaves requiring grad), random."""
     def param(*shape):
-        return torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
+        return torch.randn(*shape, dtype=param_dtype or dtype, device=device,
+                           requires_grad=True)
     x = distinct_max_input((n, c, h, w), dtype, device).requires_grad_(True)
     return dict(x=x, w1=param(r, c), b1=param(r), w2=param(c, r), b2=param(c),
                 conv_w=param(1, 2, k, k), bn_w=param(1), bn_b=param(1))
 
 
-CHANNEL = ("w1", "b1", "w2", "b2")
-SPATIAL = ("conv_w", "bn_w", "bn_b")
+def params_of(t, gates):
+    """The GateParams of the gates named ("cbam", "channel", "spatial") from ``gate_inputs``."""
+    names = (CHANNEL if gates != "spatial" else ()) + (SPATIAL if gates != "channel" else ())
+    return GateParams(**{k: t[k] for k in names})
 
 
-GATE_CONFIGS = [("cbam", pools) for pools in ((True, True), (True, False), (False, True))] + [
-    ("channel", (True, True)), ("spatial", (True, True))]
+def running_stats(dtype=F64, device="cpu"):
+    """Non-trivial running statistics of the spatial gate's BatchNorm."""
+    return (torch.randn(1, dtype=dtype, device=device),
+            torch.rand(1, dtype=dtype, device=device) + 0.5)
 
 
 @pytest.mark.parametrize("gates,pools", GATE_CONFIGS, ids=str)
@@ -35,21 +50,21 @@ GATE_CONFIGS = [("cbam", pools) for pools in ((True, True), (True, False), (Fals
 @pytest.mark.parametrize("max_first", [True, False], ids=["max_first", "mean_first"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_gradcheck(gates, pools, batch_stats, max_first, residual):
-    """Finite differences in float64 against the hand-written backward (CPU backend)."""
+    """Finite differences in float64 against the hand-written backward (the custom op on the
+    CPU runs the specification pipeline, backward included)."""
     t = gate_inputs()
-    t["residual"] = torch.randn_like(t["x"]).requires_grad_(True)
-    names = ["x"] + list(CHANNEL if gates != "spatial" else ()) + list(
-        SPATIAL if gates != "channel" else ()) + (["residual"] if residual else [])
-    running = dict(bn_mean=torch.randn(1, dtype=F64), bn_var=torch.rand(1, dtype=F64) + 0.5)
+    params = params_of(t, gates)
+    names = [k for k, v in params._asdict().items() if v is not None]
+    mean, var = running_stats() if not batch_stats else (None, None)
+    res = torch.randn_like(t["x"]).requires_grad_(True)
+    cfg = GateConfig(*pools, "relu", "sigmoid", max_first)
 
-    def f(*args):
-        kw = dict(zip(names, args))
-        if not batch_stats:
-            kw.update(running)
-        return attention_gate(use_avg=pools[0], use_max=pools[1], batch_stats=batch_stats,
-                              max_first=max_first, **kw)[0]
+    def f(x, r, *values):
+        p = GateParams(**dict(zip(names, values)))
+        return torch.ops.cbam_kernels.gate_forward(x, r if residual else None, *_pack(p), mean,
+                                                   var, 1e-5, batch_stats, *cfg)[0]
 
-    assert torch.autograd.gradcheck(f, [t[k] for k in names], fast_mode=True)
+    assert torch.autograd.gradcheck(f, [t["x"], res] + [t[k] for k in names], fast_mode=True)
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 1, 1), (2, 1, 2, 1)], ids=str)
@@ -58,55 +73,226 @@ def test_gradcheck_tiny_batchnorm(shape):
     for the float32 module comparisons, exact here)."""
     n, c, h, w = shape
     t = gate_inputs(n, c, h, w, r=1)
-    names = ("x",) + CHANNEL + SPATIAL
 
-    def f(*args):
-        return attention_gate(**dict(zip(names, args)), batch_stats=True)[0]
+    def f(x, *values):
+        return torch.ops.cbam_kernels.gate_forward(x, None, list(values), [True] * 7, None,
+                                                   None, 1e-5, True, *GateConfig())[0]
 
-    assert torch.autograd.gradcheck(f, [t[k] for k in names], fast_mode=True)
+    assert torch.autograd.gradcheck(f, [t["x"]] + [t[k] for k in PARAMS], fast_mode=True)
 
 
-@pytest.mark.parametrize("act,gate", itertools.product(["relu", "silu"],
-                                                       ["sigmoid", "hardsigmoid"]))
+@pytest.mark.parametrize("act", ["relu", "silu"])
+@pytest.mark.parametrize("gate", ["sigmoid", "hardsigmoid"])
 def test_gradcheck_activations(act, gate):
     t = gate_inputs()
-    names = ("x",) + CHANNEL
 
-    def f(*args):
-        return attention_gate(**dict(zip(names, args)), use_max=False, act=act, gate=gate)[0]
+    def f(x, *values):
+        return torch.ops.cbam_kernels.gate_forward(x, None, list(values), [True] * 4 + [False] * 3,
+                                                   None, None, 1e-5, True, True, False, act, gate,
+                                                   True)[0]
 
-    assert torch.autograd.gradcheck(f, [t[k] for k in names], fast_mode=True)
+    assert torch.autograd.gradcheck(f, [t["x"]] + [t[k] for k in CHANNEL], fast_mode=True)
 
+
+def test_plain_path_matches_hand_written_backward():
+    """The torch backend runs the specification forward under autograd; its gradients equal
+    the hand-written backward that the kernels implement (float64, exact up to rounding)."""
+    t = gate_inputs(2, 7, 5, 3, r=2, k=5)
+    params = params_of(t, "cbam")
+    res = torch.randn_like(t["x"])
+    gy = torch.randn_like(t["x"])
+    bn = BatchNormState(batch_stats=True)
+    y, channel, spatial = pipeline_torch.forward(t["x"], res, params, GateConfig(), bn)
+    auto = torch.autograd.grad(y, [t["x"], *params], gy)
+    hand = pipeline_torch.backward(gy, t["x"].detach(), y.detach(), params, GateConfig(), bn,
+                                   channel, spatial)
+    for got, want in zip([hand.x, *hand.params], auto):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+# ------------------------------------------------------------- kernel pipelines vs the spec
+
+def kernel_backends():
+    """The kernel pipelines that can run here (Triton through its interpreter on the CPU)."""
+    names = ["triton"] if INTERPRET else []
+    if torch.cuda.is_available() and not INTERPRET:
+        names = [b for b in ("triton", "cuda") if backend.available_backends()[b] == "available"]
+    return [pytest.param(b, marks=pytest.mark.triton if b == "triton" else ()) for b in names]
+
+
+# (N, C, H, W): odd H*W, C not a multiple of anything, N=1, 1x1 maps; the last two split
+# their reductions over C (channel_pool, grad_spatial) or H*W (pool_hw, grad_channel in
+# channels_last).
+PIPELINE_SHAPES = [(2, 5, 3, 3), (1, 13, 4, 6), (24, 3, 1, 1), (2, 33, 9, 11), (1, 70, 12, 13)]
+
+
+def run_spec(x, res, gy, params, cfg, bn, dtype=None):
+    """pipeline_torch forward + backward, everything cast to ``dtype`` (float64: the truth;
+    None: as given, the specification at the kernels' precision). Returns every result by
+    name."""
+    cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+    params = GateParams(*map(cast, params))
+    bn = bn._replace(running_mean=cast(bn.running_mean.clone()),
+                     running_var=cast(bn.running_var.clone()),
+                     num_batches_tracked=bn.num_batches_tracked.clone())
+    y, channel, spatial = pipeline_torch.forward(cast(x), cast(res), params, cfg, bn)
+    grads = pipeline_torch.backward(cast(gy), cast(x), y if res is not None else None, params,
+                                    cfg, bn, channel, spatial)
+    return results(y, channel, spatial, bn, grads)
+
+
+def results(y, channel, spatial, bn, grads):
+    """Every result of a forward + backward by name."""
+    named = {}
+    for group in (channel, spatial):
+        if group is not None:
+            named.update((k, v) for k, v in group._asdict().items() if v is not None)
+    named.update(y=y, running_mean=bn.running_mean, running_var=bn.running_var,
+                 tracked=bn.num_batches_tracked, gx=grads.x, gres=grads.residual)
+    named.update((f"g{k}", g) for k, g in grads.params._asdict().items())
+    return named
+
+
+# The BatchNorm affine gradients are single sums over the batch whose cancellation (condition
+# numbers above 100 with random gradients) amplifies the float32 rounding of their terms: they are
+# compared as part of the spatial gate's parameter gradients (a wrong value still moves that
+# vector by its own size).
+GROUPS = dict.fromkeys(("gbn_w", "gbn_b"), ("gconv_w", "gbn_w", "gbn_b"))
+
+
+def _grouped(named, name):
+    if name not in GROUPS:
+        return named[name]
+    return torch.cat([named[k].flatten().double() for k in GROUPS[name] if named[k] is not None])
+
+
+def check_against_spec(got, truth, specs, dtypes):
+    """Each result of the kernels within EAGER_FACTOR times the specification's own error (at
+    the kernels' precision; the largest over ``specs``, runs whose summation orders differ) of
+    the float64 truth, or within TOL_FLOOR of its dtype (the module tests' rule,
+    gate_testing); indices equal; dtypes as ``dtypes`` says (float32 for the rest)."""
+    assert got.keys() == truth.keys(), (sorted(got), sorted(truth))
+    for name, value in got.items():
+        want = truth[name]
+        if value is None:
+            assert want is None, name
+        elif not value.is_floating_point():
+            assert torch.equal(value.long().cpu(), want.long().cpu()), name
+        else:
+            assert value.dtype == dtypes.get(name, torch.float32), name
+            want = _grouped(truth, name)
+            spec_err = max(rel_err(_grouped(spec, name), want) for spec in specs)
+            tol = max(EAGER_FACTOR * spec_err, TOL_FLOOR[value.dtype])
+            err = rel_err(_grouped(got, name), want)
+            assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("kernel_backend", kernel_backends())
+@pytest.mark.parametrize("shape", PIPELINE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("gates,pools", GATE_CONFIGS[:1] + GATE_CONFIGS[3:], ids=str)
+def test_kernel_pipeline_matches_spec(kernel_backend, shape, dtype, layout, gates, pools):
+    """Every kernel of a pipeline against the specification on the same (rounded) inputs: y,
+    every saved tensor, the running statistics after the step, every gradient (residual
+    epilogue), in training and in eval; full-size results in x's dtype and empty_like(x)'s
+    strides, parameter gradients in their parameter's."""
+    pipeline = backend._pipeline(kernel_backend)
+    n, c, h, w = shape
+    t = gate_inputs(n, c, h, w, r=max(1, c // 4), k=5, dtype=dtype, device=DEVICE,
+                    param_dtype=torch.float32)
+    x = to_layout(t["x"].detach(), layout)
+    res = to_layout(torch.randn(shape, device=DEVICE).to(dtype), layout)
+    gy = to_layout(torch.randn(shape, device=DEVICE).to(dtype), layout)
+    params = params_of({k: v.detach() for k, v in t.items()}, gates)
+    cfg = GateConfig(*pools, "relu", "sigmoid", gates != "spatial" or c % 2 == 0)
+    for batch_stats in (True, False):
+        if batch_stats and n * h * w < 8:
+            continue  # BatchNorm over a handful of values: see test_gradcheck_tiny_batchnorm
+        mean, var = running_stats(torch.float32, DEVICE)
+        bn = BatchNormState(mean, var, torch.tensor(3, device=DEVICE), 1e-5, 0.1, batch_stats)
+        truth = run_spec(x, res, gy, params, cfg, bn, F64)
+        specs = [run_spec(*(to_layout(t, fmt) for t in (x, res, gy)), params, cfg, bn)
+                 for fmt in ("nchw", "cl")]
+        y, channel, spatial = pipeline.forward(x, res, params, cfg, bn)
+        grads = pipeline.backward(gy, x, y, params, cfg, bn, channel, spatial)
+        check_against_spec(results(y, channel, spatial, bn, grads), truth, specs,
+                           dict(y=dtype, gx=dtype, gres=dtype))
+        for full in (y, grads.x, grads.residual):
+            assert full.stride() == torch.empty_like(x).stride()
+        for p, g in zip(params, grads.params):
+            assert (g is None) == (p is None) and (p is None or g.stride() == p.stride())
+
+
+@pytest.mark.parametrize("kernel_backend", kernel_backends())
+def test_kernel_pipeline_splits_its_reductions(kernel_backend):
+    """The last two PIPELINE_SHAPES split their reductions (partials with S > 1), so the
+    comparisons above cover the small kernels' finishing of split partials."""
+    passes = backend._pipeline(kernel_backend).passes
+    x = torch.randn(PIPELINE_SHAPES[-1], device=DEVICE)
+    assert passes.channel_pool(x, None).sum.shape[0] > 1
+    assert passes.pool_hw(to_layout(x, "cl"), True).sum.shape[0] > 1
+
+
+@pytest.mark.parametrize("kernel_backend", kernel_backends())
+def test_kernel_pipeline_low_precision_and_odd_parameters(kernel_backend):
+    """float16 parameters and running statistics (read and written in their dtype), a
+    channels_last conv weight (its gradient with the same strides), no biases, cumulative
+    BatchNorm momentum (num_batches_tracked counted in-kernel)."""
+    pipeline = backend._pipeline(kernel_backend)
+    shape = (2, 12, 5, 6)
+    t = {k: v.detach() for k, v in gate_inputs(*shape, r=4, k=3, dtype=torch.float16,
+                                                device=DEVICE).items()}
+    params = GateParams(t["w1"], None, t["w2"], None,
+                        t["conv_w"].to(memory_format=torch.channels_last), t["bn_w"], t["bn_b"])
+    gy = torch.randn(shape, device=DEVICE).half()
+    mean, var = running_stats(torch.float16, DEVICE)
+    bn = BatchNormState(mean, var, torch.tensor(0, device=DEVICE), 1e-5, None, True)
+    truth = run_spec(t["x"], None, gy, params, GateConfig(), bn, F64)
+    specs = [run_spec(to_layout(t["x"], fmt), None, to_layout(gy, fmt), params, GateConfig(), bn)
+             for fmt in ("nchw", "cl")]
+    y, channel, spatial = pipeline.forward(t["x"], None, params, GateConfig(), bn)
+    grads = pipeline.backward(gy, t["x"], None, params, GateConfig(), bn, channel, spatial)
+    dtypes = {f"g{k}": torch.float16 for k in PARAMS}
+    dtypes.update(y=torch.float16, gx=torch.float16, running_mean=torch.float16,
+                  running_var=torch.float16)
+    check_against_spec(results(y, channel, spatial, bn, grads), truth, specs, dtypes)
+    assert int(bn.num_batches_tracked) == 1
+    assert grads.params.conv_w.stride() == params.conv_w.stride()
+
+
+# ----------------------------------------------------------------- custom ops and compile
 
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("gates", ["cbam", "channel", "spatial"])
-def test_opcheck(device_backend, gates, residual):
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
+def test_opcheck(device_backend, gates, residual, batch_stats):
     """Schema, fake tensors, autograd registration and AOT dispatch of both ops."""
     t = gate_inputs(dtype=torch.float32, device=device_backend)
-    kw = dict(x=t["x"], residual=torch.randn_like(t["x"]) if residual else None,
-              use_avg=True, use_max=True, act="relu", gate="sigmoid", bn_mean=None, bn_var=None,
-              bn_eps=1e-5, batch_stats=True, max_first=True)
-    kw.update({k: t[k] if gates != "spatial" else None for k in CHANNEL})
-    kw.update({k: t[k] if gates != "channel" else None for k in SPATIAL})
-    torch.library.opcheck(torch.ops.cbam_kernels.gate_forward.default, (), kw)
+    params, present = _pack(params_of(t, gates))
+    mean, var = running_stats(torch.float32, device_backend) if not batch_stats else (None, None)
+    x = t["x"]
+    args = (x, torch.randn_like(x) if residual else None, params, present, mean, var, 1e-5,
+            batch_stats, *GateConfig())
+    torch.library.opcheck(torch.ops.cbam_kernels.gate_forward.default, args)
 
-    plain = {k: v.detach() if torch.is_tensor(v) else v for k, v in kw.items()}
-    out = torch.ops.cbam_kernels.gate_forward(**plain)
-    saved = dict(zip(("ca", "pooled", "hidden", "pstar", "p", "cstar", "sa", "xhat", "stats"),
-                     out[1:]))
-    bwd = {k: v for k, v in plain.items() if k not in ("residual", "bn_mean", "bn_var")}
-    bwd.update(saved, gy=torch.randn_like(t["x"]), out=out[0] if residual else None)
-    torch.library.opcheck(torch.ops.cbam_kernels.gate_backward.default, (), bwd)
+    plain = [a.detach() if torch.is_tensor(a) else a for a in args]
+    plain[2] = [p.detach() for p in params]
+    out = torch.ops.cbam_kernels.gate_forward(*plain)
+    bwd = (torch.randn_like(x), x.detach(), out[0] if residual else None, plain[2], present,
+           out[1:], 1e-5, batch_stats, *GateConfig())
+    torch.library.opcheck(torch.ops.cbam_kernels.gate_backward.default, bwd)
 
 
 @pytest.mark.parametrize("module", ["cbam", "se"])
 def test_compile_fullgraph_matches_eager(device_backend, module):
-    """torch.compile(fullgraph=True): no graph break; output, gradients and BN stats equal."""
+    """torch.compile(fullgraph=True): no graph break; output, gradients and BN stats equal up
+    to float32 rounding (on the torch backend the compiler fuses the ops and sums in another
+    order; on a kernel backend it calls the same kernels)."""
     torch._dynamo.reset()
     make = (lambda: CBAM(32, 4)) if module == "cbam" else (lambda: SE(32, 4))
     eager = make().to(device_backend).train()
-    compiled_module = make().to(device_backend).train()
-    compiled_module.load_state_dict(eager.state_dict())
+    compiled_module = copy.deepcopy(eager)
     compiled = torch.compile(compiled_module, fullgraph=True)
     for step in range(2):
         x = distinct_max_input((2, 32, 7, 5), torch.float32, device_backend)
@@ -118,7 +304,7 @@ def test_compile_fullgraph_matches_eager(device_backend, module):
             y.square().sum().backward()
         torch.testing.assert_close(xs[1].grad, xs[0].grad)
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled_module.named_parameters()):
-        torch.testing.assert_close(b.grad, a.grad, msg=name)
+        assert rel_err(b.grad, a.grad) < 1e-5, name
     for (name, a), (_, b) in zip(eager.named_buffers(), compiled_module.named_buffers()):
         torch.testing.assert_close(b, a, msg=name)
 
@@ -127,12 +313,15 @@ def test_public_api():
     assert {"CBAM", "ChannelGate", "SpatialGate", "SE"} <= set(cbam_kernels.__all__)
 
 
+@pytest.mark.parametrize("kernel_backend", kernel_backends())
 @pytest.mark.parametrize("module", ["cbam", "se"])
-def test_autograd_saves_only_x_full_size(device_backend, module):
-    """Everything autograd keeps besides x is a per-(n, c) or per-(n, h, w) tensor (with the
-    residual epilogue, also the block output, which the next layer keeps anyway)."""
-    gate = (CBAM(16, 4) if module == "cbam" else SE(16, 4)).to(device_backend)
-    x = torch.randn(2, 16, 6, 5, device=device_backend, requires_grad=True)
+def test_autograd_saves_only_x_full_size(kernel_backend, module, monkeypatch):
+    """On a kernel backend, everything autograd keeps besides x is a per-(n, c) or
+    per-(n, h, w) tensor (with the residual epilogue, also the block output, which the next
+    layer keeps anyway)."""
+    monkeypatch.setenv(backend.ENV_VAR, kernel_backend)
+    gate = (CBAM(16, 4) if module == "cbam" else SE(16, 4)).to(DEVICE)
+    x = torch.randn(2, 16, 6, 5, device=DEVICE, requires_grad=True)
     n, c, h, w = x.shape
     for residual, full_size in ((None, 1), (torch.randn_like(x), 2)):
         saved = []
@@ -142,4 +331,4 @@ def test_autograd_saves_only_x_full_size(device_backend, module):
         big = [t for t in saved if t.numel() >= x.numel()]
         assert len(big) == full_size, [tuple(t.shape) for t in saved]
         small = [t for t in saved if t.numel() < x.numel()]
-        assert all(t.numel() <= 2 * n * max(c, h * w) for t in small)  # (K, N, C), (N, 2, H, W)
+        assert all(t.numel() <= 2 * n * max(c, h * w) for t in small)  # (K, N, C), (N, 2, HW)

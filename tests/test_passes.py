@@ -1,5 +1,9 @@
 """The kernel backends' six passes against their specification, ``cbam_kernels.passes_torch``.
 
+The reductions return unfinished partials (``passes_torch.Partials``), checked once combined
+as ``passes_torch.combine_partials`` specifies; the first backward reduction also applies the
+ResNet epilogue's ReLU mask and returns the masked gy.
+
 Every test runs once per kernel backend (the ``kernels`` fixture yields its passes module);
 a backend that cannot run here is skipped with the reason:
 
@@ -26,8 +30,10 @@ import torch
 
 from cbam_kernels import backend
 from cbam_kernels import passes_torch as ref
-from pass_testing import (DEVICE, DTYPES, GATES, check_full, check_small, grad_channel_args,
-                          grad_input_args, poison_free_memory, rand_full, rand_small, to_layout)
+from cbam_kernels.passes_torch import combine_partials
+from pass_testing import (DEVICE, DTYPES, GATES, check_full, check_masked_gy, check_partials,
+                          grad_channel_args, grad_input_args, odd_layout, poison_free_memory,
+                          rand_full, rand_small, relu_masked, to_layout)
 
 UNAVAILABLE = {"triton": backend.triton_unavailable_reason(),
                "cuda": backend.cuda_unavailable_reason()}
@@ -94,17 +100,11 @@ def _poison():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_pool_hw(kernels, split_kw, shape, dtype, layout):
-    """Mean, max and first arg-max over H*W; empty max and arg-max without with_max."""
+    """Mean, max and first arg-max over H*W as partials; no max and arg-max without with_max."""
     x = rand_full(shape, dtype, layout)
-    avg, mx, arg = kernels.pool_hw(x, True, **split_kw)
     ravg, rmx, rarg = ref.pool_hw(x, True)
-    check_small(avg, ravg)
-    check_small(mx, rmx)
-    assert torch.equal(arg, rarg)
-    avg, mx, arg = kernels.pool_hw(x, False, **split_kw)
-    check_small(avg, ravg)
-    assert mx.shape == (0,) and mx.dtype == torch.float32
-    assert arg.shape == (0,) and arg.dtype == torch.int32
+    check_partials(kernels.pool_hw(x, True, **split_kw), ravg, rmx, rarg)
+    check_partials(kernels.pool_hw(x, False, **split_kw), ravg)
 
 
 @over_backends(SPLITS)
@@ -113,14 +113,16 @@ def test_pool_hw(kernels, split_kw, shape, dtype, layout):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_channel_pool(kernels, split_kw, shape, dtype, layout, with_ca):
-    """The map [max, mean] or [mean, max] of x * ca over C and its first channel arg-max."""
+    """Mean, max and first channel arg-max of x * ca over C as partials."""
     x = rand_full(shape, dtype, layout)
     ca = rand_small(shape, ["ca"] if with_ca else [])["ca"]
-    for max_first in (True, False):
-        p, cstar = kernels.channel_pool(x, ca, max_first, **split_kw)
-        rp, rcstar = ref.channel_pool(x, ca, max_first)
-        check_small(p, rp)
-        assert torch.equal(cstar, rcstar)
+    check_partials(kernels.channel_pool(x, ca, **split_kw), *_channel_pool_ref(x, ca))
+
+
+def _channel_pool_ref(x, ca):
+    """The specification's channel pool as (mean, max, arg), each (N, H*W)."""
+    p, cstar = ref.channel_pool(x, ca, True)
+    return p[:, 1].flatten(1), p[:, 0].flatten(1), cstar.flatten(1)
 
 
 @over_backends()
@@ -150,30 +152,56 @@ def test_apply_gates_residual_epilogue(kernels, shape, dtype, layouts):
     assert out.isnan().sum() == 1 and (out >= 0).sum() == out.numel() - 1
 
 
+def _epilogue_output(shape, dtype, layout):
+    """A forward output of the ResNet epilogue: relu'd values, zeros, and one NaN."""
+    out = torch.relu(rand_full(shape, dtype, layout, seed=5))
+    out[0, 0, 0, 0] = float("nan")
+    return out
+
+
 @over_backends(SPLITS)
 @pytest.mark.parametrize("with_ca", [False, True])
+@pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "epilogue"])
 @pytest.mark.parametrize("layouts", LAYOUT_PAIRS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_grad_spatial(kernels, split_kw, shape, dtype, layouts, with_ca):
-    """sum over C of gy * x * ca, gy in x's layout or the other one."""
+def test_grad_spatial(kernels, split_kw, shape, dtype, layouts, epilogue, with_ca):
+    """Partials of sum over C of gy * x * ca, gy in x's layout or the other one; with the
+    epilogue's output, gy masked by its ReLU first and returned."""
     x, gy = rand_full(shape, dtype, layouts[0]), rand_full(shape, dtype, layouts[1], seed=2)
     ca = rand_small(shape, ["ca"] if with_ca else [])["ca"]
-    check_small(kernels.grad_spatial(gy, x, ca, **split_kw), ref.grad_spatial(gy, x, ca))
+    out = _epilogue_output(shape, dtype, layouts[1]) if epilogue else None
+    part, gres = kernels.grad_spatial(gy, x, ca, out, **split_kw)
+    g = relu_masked(gy, out) if epilogue else gy
+    check_partials(part, ref.grad_spatial(g, x, ca).flatten(1), atol=1e-4)
+    if epilogue:
+        check_masked_gy(gres, gy, out, x)
+    else:
+        assert gres is None
 
 
 @over_backends(SPLITS)
 @pytest.mark.parametrize("terms", [(), ("sa",), ("gp",), ("sa", "gp")])
+@pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "epilogue"])
 @pytest.mark.parametrize("layouts", LAYOUT_PAIRS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_grad_channel(kernels, split_kw, shape, dtype, layouts, terms):
-    """sum over H*W of gx1 * x with each term of gx1 (sa, gp) present or absent."""
+def test_grad_channel(kernels, split_kw, shape, dtype, layouts, epilogue, terms):
+    """Partials of sum over H*W of gx1 * x with each term of gx1 (sa, gp) present or absent;
+    with the epilogue's output, gy masked by its ReLU first and returned."""
     x, gy = rand_full(shape, dtype, layouts[0]), rand_full(shape, dtype, layouts[1], seed=2)
     s = rand_small(shape, terms)
+    out = _epilogue_output(shape, dtype, layouts[0]) if epilogue else None
+    g = relu_masked(gy, out) if epilogue else gy
     for max_first in (True, False):
-        args = grad_channel_args(gy, x, s, max_first)
-        check_small(kernels.grad_channel(*args, **split_kw), ref.grad_channel(*args))
+        part, gres = kernels.grad_channel(*grad_channel_args(gy, x, s, max_first), out,
+                                          **split_kw)
+        check_partials(part, ref.grad_channel(*grad_channel_args(g, x, s, max_first)),
+                       atol=1e-4)
+        if epilogue:
+            check_masked_gy(gres, gy, out, x)
+        else:
+            assert gres is None
 
 
 @over_backends()
@@ -190,44 +218,27 @@ def test_grad_input(kernels, shape, dtype, layouts, gate):
         check_full(kernels.grad_input(*args), ref.grad_input(*args), x)
 
 
-def _odd_layout(name, shape, seed=0):
-    """A float32 tensor of ``shape`` in the layout ``name`` (neither NCHW nor channels_last)."""
-    n, c, h, w = shape
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, 2 * c, h + 2, 2 * w + 1, generator=g).to(DEVICE)
-    x = {
-        "sliced": lambda: base[:, ::2, :h, :-1].contiguous()[..., ::2],  # H, W merge, sHW = 2
-        "sliced_odd_w": lambda: base[:, :c, :h, 1::2],          # H, W do not merge: copied
-        "h_is_1": lambda: base[:, :c, 1:2, :w],                 # H == 1, unrelated H stride
-        "w_is_1": lambda: base[:, :c, :h, 2:3],                 # W == 1, unrelated W stride
-        "permuted_dense": lambda: base[:, :c, :h, :w].permute(0, 2, 1, 3).contiguous()
-                                                     .permute(0, 2, 1, 3),  # copied, out too
-        "expanded": lambda: base[:, :c, :1, :1].expand(shape),  # H*W stride 0
-    }[name]()
-    assert x.shape == shape
-    return x
-
-
 @over_backends(splits=[2])
 @pytest.mark.parametrize("name", ["sliced", "sliced_odd_w", "h_is_1", "w_is_1",
                                   "permuted_dense", "expanded"])
 def test_odd_layouts(kernels, split_kw, name):
-    """Every pass on x (and gy, residual) in layouts that are neither NCHW nor channels_last."""
+    """Every pass on x (and gy, residual, out) in layouts that are neither NCHW nor
+    channels_last."""
     shape = {"h_is_1": (2, 6, 1, 5), "w_is_1": (2, 6, 3, 1)}.get(name, (2, 6, 3, 5))
-    x = _odd_layout(name, shape)
-    gy = _odd_layout("sliced" if name == "permuted_dense" else "permuted_dense", shape, seed=1)
+    x = odd_layout(name, shape)
+    gy = odd_layout("sliced" if name == "permuted_dense" else "permuted_dense", shape, seed=1)
+    out = torch.relu(odd_layout(name, shape, seed=2))
     s = rand_small(shape, GATES["cbam"])
-    for out, expected in zip(kernels.pool_hw(x, True, **split_kw), ref.pool_hw(x, True)):
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    for out, expected in zip(kernels.channel_pool(x, s["ca"], False, **split_kw),
-                             ref.channel_pool(x, s["ca"], False)):
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    check_partials(kernels.pool_hw(x, True, **split_kw), *ref.pool_hw(x, True))
+    check_partials(kernels.channel_pool(x, s["ca"], **split_kw), *_channel_pool_ref(x, s["ca"]))
     for residual in (None, gy):
         check_full(kernels.apply_gates(x, s["ca"], s["sa"], residual),
                    ref.apply_gates(x, s["ca"], s["sa"], residual), x)
-    check_small(kernels.grad_spatial(gy, x, s["ca"]), ref.grad_spatial(gy, x, s["ca"]))
-    args = grad_channel_args(gy, x, s, True)
-    check_small(kernels.grad_channel(*args, **split_kw), ref.grad_channel(*args))
+    part, gres = kernels.grad_spatial(gy, x, s["ca"], out)
+    check_partials(part, ref.grad_spatial(relu_masked(gy, out), x, s["ca"]).flatten(1))
+    check_masked_gy(gres, gy, out, x)
+    part, _ = kernels.grad_channel(*grad_channel_args(gy, x, s, True), **split_kw)
+    check_partials(part, ref.grad_channel(*grad_channel_args(gy, x, s, True)))
     args = grad_input_args(gy, x, s, True)
     check_full(kernels.grad_input(*args), ref.grad_input(*args), x)
 
@@ -238,7 +249,8 @@ def test_odd_layouts(kernels, split_kw, name):
 @pytest.mark.parametrize("shape", [(2, 33, 9, 11)] +
                          gpu_only([(1, 4096, 2, 2), (2, 8, 64, 64)]))
 def test_ties_pick_first_index(kernels, split_kw, shape, dtype, layout):
-    """Equal maxima (a channel and a position that are -inf throughout) go to the first index."""
+    """Equal maxima (a channel and a position that are -inf throughout) go to the first index,
+    across the ranges of a split too."""
     n, c, h, w = shape
     g = torch.Generator().manual_seed(3)
     x = torch.randint(-2, 2, shape, generator=g).float()
@@ -246,13 +258,9 @@ def test_ties_pick_first_index(kernels, split_kw, shape, dtype, layout):
     x[-1, :, h // 2, w // 2] = float("-inf")
     x = to_layout(x.to(dtype).to(DEVICE), layout)
     ca = torch.randint(1, 3, (n, c), generator=g).float().to(DEVICE)
-    _, mx, arg = kernels.pool_hw(x, True, **split_kw)
-    _, rmx, rarg = ref.pool_hw(x, True)
-    assert torch.equal(mx, rmx) and torch.equal(arg, rarg)
+    check_partials(kernels.pool_hw(x, True, **split_kw), *ref.pool_hw(x, True))
     for ca_ in (None, ca):
-        p, cstar = kernels.channel_pool(x, ca_, True, **split_kw)
-        rp, rcstar = ref.channel_pool(x, ca_, True)
-        assert torch.equal(p[:, 0], rp[:, 0]) and torch.equal(cstar, rcstar)
+        check_partials(kernels.channel_pool(x, ca_, **split_kw), *_channel_pool_ref(x, ca_))
 
 
 @over_backends(splits=[1, 3])
@@ -265,16 +273,12 @@ def test_nan_propagates_to_max(kernels, split_kw, layout):
     x[0, 20, 8, 10] = float("nan")
     x[1, :, 0, 0] = float("nan")                   # a whole position, so every channel row
     x = to_layout(x.to(DEVICE), layout)
-    _, mx, arg = kernels.pool_hw(x, True, **split_kw)
-    _, rmx, rarg = ref.pool_hw(x, True)
-    torch.testing.assert_close(mx, rmx, equal_nan=True)
-    assert torch.equal(mx.isnan(), x.flatten(2).isnan().any(dim=2))
-    assert torch.equal(arg, rarg) and 0 <= arg.min() and arg.max() < h * w
-    p, cstar = kernels.channel_pool(x, None, False, **split_kw)
-    rp, rcstar = ref.channel_pool(x, None, False)
-    torch.testing.assert_close(p, rp, equal_nan=True)
-    assert torch.equal(p[:, 1].isnan(), x.isnan().any(dim=1))
-    assert torch.equal(cstar, rcstar) and 0 <= cstar.min() and cstar.max() < c
+    part = kernels.pool_hw(x, True, **split_kw)
+    check_partials(part, *ref.pool_hw(x, True))
+    assert torch.equal(combine_partials(part)[1].isnan(), x.flatten(2).isnan().any(dim=2))
+    part = kernels.channel_pool(x, None, **split_kw)
+    check_partials(part, *_channel_pool_ref(x, None))
+    assert torch.equal(combine_partials(part)[1].isnan(), x.isnan().any(dim=1).flatten(1))
 
 
 @over_backends()
@@ -284,26 +288,25 @@ def test_zero_size(kernels, shape):
     n, c, h, w = shape
     x = gy = torch.randn(shape, device=DEVICE)
     s = rand_small(shape, GATES["cbam"])
-    f32, i32 = torch.float32, torch.int32
     full_size = [kernels.apply_gates(x, s["ca"], s["sa"]),
                  kernels.grad_input(*grad_input_args(gy, x, s, True))]
-    assert [(o.shape, o.dtype) for o in full_size] == [(shape, f32)] * 2
-    check_small(kernels.grad_spatial(gy, x, s["ca"]), torch.zeros(n, h, w, device=DEVICE))
-    check_small(kernels.grad_channel(*grad_channel_args(gy, x, s, True)),
-                torch.zeros(n, c, device=DEVICE))
+    assert [(o.shape, o.dtype) for o in full_size] == [(shape, torch.float32)] * 2
+    check_partials(kernels.grad_spatial(gy, x, s["ca"])[0], torch.zeros(n, h * w, device=DEVICE))
+    check_partials(kernels.grad_channel(*grad_channel_args(gy, x, s, True))[0],
+                   torch.zeros(n, c, device=DEVICE))
     empty_max = _errors(EMPTY_MAX_ERROR, kernels)
     if h * w > 0 or n * c == 0:
-        out = kernels.pool_hw(x, True)
-        assert [(o.shape, o.dtype) for o in out] == [((n, c), f32)] * 2 + [((n, c), i32)]
+        part = kernels.pool_hw(x, True)
+        assert part.max.shape[1:] == (n, c) and part.arg.dtype == torch.int32
     else:
         with pytest.raises(RuntimeError, match=empty_max["pool_hw"]):
             kernels.pool_hw(x, True)
     if c > 0 or n * h * w == 0:
-        out = kernels.channel_pool(x, s["ca"], True)
-        assert [(o.shape, o.dtype) for o in out] == [((n, 2, h, w), f32), ((n, h, w), i32)]
+        part = kernels.channel_pool(x, s["ca"])
+        assert part.max.shape[1:] == (n, h * w) and part.arg.dtype == torch.int32
     else:
         with pytest.raises(RuntimeError, match=empty_max["channel_pool"]):
-            kernels.channel_pool(x, s["ca"], True)
+            kernels.channel_pool(x, s["ca"])
 
 
 @over_backends()

@@ -1,0 +1,94 @@
+"""The fused gate on a kernel backend: full-size passes and small Triton kernels, in order.
+
+The passes (``passes_triton`` or ``passes_cuda``) leave their reductions unfinished and the
+small kernels of ``gate_math_triton`` finish them, so a call launches (kernels, nothing else):
+
+==================  =====================================  =========================
+gate                forward                                backward
+==================  =====================================  =========================
+SE, channel gate    pool, MLP, apply: 3                    reduce, MLP, input: 3
+spatial gate        pool, conv, [BN], apply: 3 / 4         reduce, 2 small, input: 4
+CBAM                5 (eval) / 6 (training)                6
+==================  =====================================  =========================
+
+with [BN] the training-mode BatchNorm kernel (it also updates the running statistics). The
+parameter gradients ride in the grad-input launch on the Triton backend; on the CUDA backend
+(its grad-input pass is C++) they take one more launch. The ResNet epilogue adds no launch:
+apply takes the residual, and the first backward reduction masks gy by the ReLU.
+"""
+
+import contextlib
+from types import ModuleType
+from typing import ContextManager, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import gate_math_triton as small
+from .gate_math import (BatchNormState, ChannelSaved, GateConfig, GateGrads, GateParams,
+                        SpatialSaved)
+
+
+def _on_device(x: Tensor) -> ContextManager:
+    """Make x's GPU the current one for the launches (Triton launches on the current device)."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+class KernelPipeline:
+    """:func:`forward` and :func:`backward` of ``pipeline_torch`` on the passes of one kernel
+    backend (``passes``: ``passes_triton`` or ``passes_cuda``)."""
+
+    def __init__(self, passes: ModuleType):
+        self.passes = passes
+        self.fused_param_grads = getattr(passes, "TAKES_PARAM_GRADS", False)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor], params: GateParams,
+                cfg: GateConfig, bn: BatchNormState
+                ) -> Tuple[Tensor, Optional[ChannelSaved], Optional[SpatialSaved]]:
+        """As ``pipeline_torch.forward``."""
+        _, _, h, w = x.shape
+        channel = spatial = None
+        with _on_device(x):
+            if params.w1 is not None:
+                channel = small.channel_mlp(self.passes.pool_hw(x, cfg.use_max), params.w1,
+                                            params.b1, params.w2, params.b2, cfg.use_avg,
+                                            cfg.use_max, cfg.act, cfg.gate)
+            ca = channel.ca if channel is not None else None
+            if params.conv_w is not None:
+                spatial = small.spatial_gate(self.passes.channel_pool(x, ca), params.conv_w,
+                                             params.bn_w, params.bn_b, bn, cfg.max_first, h, w)
+            sa = spatial.sa if spatial is not None else None
+            return self.passes.apply_gates(x, ca, sa, residual), channel, spatial
+
+    def backward(self, gy: Tensor, x: Tensor, out: Optional[Tensor], params: GateParams,
+                 cfg: GateConfig, bn: BatchNormState, channel: Optional[ChannelSaved],
+                 spatial: Optional[SpatialSaved]) -> GateGrads:
+        """As ``pipeline_torch.backward``."""
+        _, _, h, w = x.shape
+        ca = channel.ca if channel is not None else None
+        sa = spatial.sa if spatial is not None else None
+        gres = gp = cstar = spatial_grads = channel_grads = ga = gm = pstar = None
+        with _on_device(x):
+            if spatial is not None:
+                part, gres = self.passes.grad_spatial(gy, x, ca, out)
+                gy, out = (gres, None) if gres is not None else (gy, out)
+                spatial_grads = small.spatial_backward(part, spatial, params.conv_w, params.bn_w,
+                                                       bn, h, w)
+                gp, cstar = spatial_grads.gp, spatial.cstar
+            if channel is not None:
+                part, masked = self.passes.grad_channel(gy, x, sa, gp, cstar, cfg.max_first, out)
+                gy, gres = (masked, masked) if masked is not None else (gy, gres)
+                channel_grads = small.mlp_backward(part, channel, params.w1, params.w2,
+                                                   cfg.use_avg, cfg.use_max, cfg.act, cfg.gate)
+                ga, gm, pstar = channel_grads.ga, channel_grads.gm, channel.pstar
+            work = small.param_grads_work(
+                params, cfg.act, None if channel is None else (channel, channel_grads),
+                spatial_grads)
+            tail = {"tail": work} if self.fused_param_grads else {}
+            gx = self.passes.grad_input(gy, x, ca, sa, gp, cstar, cfg.max_first, ga, gm, pstar,
+                                        **tail)
+            if not self.fused_param_grads:
+                small.param_grads(work)
+        return GateGrads(gx, gres, GateParams(*work[:7]))
