@@ -65,7 +65,7 @@ def cuda_extension():
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     ext = CUDAExtension(
         name="cbam_kernels._C",
-        sources=["csrc/bindings.cpp", "csrc/passes.cu"],
+        sources=["csrc/bindings.cpp", "csrc/ops.cpp", "csrc/passes.cu"],
         extra_compile_args={
             "cxx": opt + ["-Wall"],
             "nvcc": opt + (["-lineinfo"] if DEBUG else []) + ["-Xcompiler=-Wall"],

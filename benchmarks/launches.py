@@ -21,7 +21,7 @@ Usage::
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,20 +33,23 @@ ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty",
 
 @dataclass
 class Launches:
-    """The launches recorded so far: Triton kernel names and ATen op names, in call order."""
+    """The launches recorded so far, in call order: Triton kernels, ops of C++ extensions (one
+    kernel each) and ATen ops."""
 
     triton: List[str] = field(default_factory=list)
+    extension: List[str] = field(default_factory=list)
     aten: List[str] = field(default_factory=list)
     _in_triton: int = 0
 
     @property
     def total(self) -> int:
-        """Triton launches plus counted ATen ops."""
-        return len(self.triton) + len(self.aten)
+        """Every launch counted."""
+        return len(self.triton) + len(self.extension) + len(self.aten)
 
     def names(self) -> List[str]:
-        """Every launch, Triton kernels first, then ATen ops (for messages)."""
-        return [f"triton:{n}" for n in self.triton] + [f"aten:{n}" for n in self.aten]
+        """Every launch by kind (for messages)."""
+        return ([f"triton:{n}" for n in self.triton] + [f"ext:{n}" for n in self.extension]
+                + [f"aten:{n}" for n in self.aten])
 
 
 def _backend_keys(args, kwargs) -> torch._C.DispatchKeySet:
@@ -63,7 +66,7 @@ class _AtenCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace not in ("aten", "prim"):  # a custom op: count what it runs inside
+        if func.namespace == "cbam_kernels":  # a Python custom op: count what it runs inside
             with _AtenCounter(self.record):
                 return func.redispatch(_backend_keys(args, kwargs), *args, **kwargs)
         if not self.record._in_triton:  # a composite op: count the ops it decomposes into
@@ -72,7 +75,9 @@ class _AtenCounter(TorchDispatchMode):
             if out is not NotImplemented:
                 return out
         name = func.overloadpacket.__name__
-        if not (self.record._in_triton or func.is_view or name in ALLOCATIONS):
+        if func.namespace not in ("aten", "prim"):
+            self.record.extension.append(f"{func.namespace}::{name}")
+        elif not (self.record._in_triton or func.is_view or name in ALLOCATIONS):
             self.record.aten.append(name)
         return func(*args, **kwargs)
 
@@ -121,18 +126,22 @@ def count_call(fn, *args, **kwargs) -> Launches:
     return record
 
 
-def module_launches(module: torch.nn.Module, x: torch.Tensor, train: bool) -> dict:
-    """Launches of ``module``: ``forward`` and, in training, ``backward`` (the gradients of x and
-    of every parameter, ``torch.autograd.grad`` with a given output gradient)."""
+def module_launches(module: torch.nn.Module, x: torch.Tensor, train: bool, backward: bool,
+                    residual: Optional[torch.Tensor] = None) -> Dict[str, Launches]:
+    """Launches of one call of ``module`` on ``x`` (and ``residual``, when given) in training or
+    eval mode: ``forward`` (under ``torch.no_grad()`` without ``backward``) and, with
+    ``backward``, ``backward``: the gradients of x and of every parameter
+    (``torch.autograd.grad`` with a given output gradient)."""
     module.train(train)
-    if not train:
+    extra = {} if residual is None else {"residual": residual}
+    if not backward:
         with torch.no_grad():
-            return {"forward": count_call(module, x)}
+            return {"forward": count_call(module, x, **extra)}
     x = x.detach().requires_grad_(True)
     params = [p for p in module.parameters() if p.requires_grad]
     with count_launches() as forward:
-        y = module(x)
+        y = module(x, **extra)
     gy = torch.randn_like(y)
-    with count_launches() as backward:
+    with count_launches() as backward_launches:
         torch.autograd.grad(y, [x, *params], gy)
-    return {"forward": forward, "backward": backward}
+    return {"forward": forward, "backward": backward_launches}

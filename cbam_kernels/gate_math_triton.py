@@ -42,6 +42,7 @@ ACT_CODES = {"relu": 0, "silu": 1}
 GATE_CODES = {"sigmoid": 0, "hardsigmoid": 1}
 SMALL_TILE = 4096     # elements of a weight tile held by one program
 PIXEL_BLOCK = 512     # pixels per program of the spatial kernels
+PIXEL_SUB = 32        # pixels the conv kernels take at a time (with all k * k taps)
 PARTIAL_BLOCK = 1024  # partials folded per step of a batch-wide sum
 WARPS = 4
 
@@ -63,17 +64,17 @@ def _sum_partials(ptr, S, stride_s, offs, mask):
 
 
 @triton.jit
-def _max_partials(max_ptr, arg_ptr, S, stride_s, offs, mask):
-    """Finish a max and its first index: ranges in order, a later one wins only with a larger
-    value or the first NaN."""
+def _max_partials(max_ptr, arg_ptr, S, stride_s, offs, mask, WITH_ARG: tl.constexpr):
+    """Finish a max (and with WITH_ARG its first index; else 0): ranges in order, a later one
+    wins only with a larger value or the first NaN."""
     m = tl.load(max_ptr + offs, mask=mask, other=0.0)
-    a = tl.load(arg_ptr + offs, mask=mask, other=0)
+    a = tl.load(arg_ptr + offs, mask=mask, other=0) if WITH_ARG else 0
     for s in range(1, S):
         m2 = tl.load(max_ptr + s * stride_s + offs, mask=mask, other=0.0)
-        a2 = tl.load(arg_ptr + s * stride_s + offs, mask=mask, other=0)
         take = (m2 > m) | ((m2 != m2) & (m == m))
         m = tl.where(take, m2, m)
-        a = tl.where(take, a2, a)
+        if WITH_ARG:
+            a = tl.where(take, tl.load(arg_ptr + s * stride_s + offs, mask=mask, other=0), a)
     return m, a
 
 
@@ -125,23 +126,6 @@ def _scalar(ptr, default, PRESENT: tl.constexpr):
 
 
 @triton.jit
-def _pixels(pid, hw_blocks, HW, W, BLOCK: tl.constexpr):
-    """Sample, flat pixel indices, their rows and columns, and the in-bounds mask of a spatial
-    program's block."""
-    n = pid // hw_blocks
-    pix = (pid % hw_blocks) * BLOCK + tl.arange(0, BLOCK)
-    return n, pix, pix // W, pix % W, pix < HW
-
-
-@triton.jit
-def _shifted(rows, cols, valid, dy, dx, H, W):
-    """Flat index of (row + dy, col + dx) and whether it lies inside the map."""
-    r = rows + dy
-    c = cols + dx
-    return r * W + c, valid & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-
-
-@triton.jit
 def _batch_sum(part_ptr, count, stride, col, BLOCK: tl.constexpr):
     """Sum of column ``col`` of ``count`` partial rows, in a fixed order."""
     acc = tl.zeros([BLOCK], tl.float32)
@@ -177,7 +161,7 @@ def _channel_mlp_kernel(psum, pmax, parg, S, N, C, R,
             tl.store(pooled_out + n * C + c, v, mask=c_ok)
             h_avg += tl.sum(w1t * v[:, None], 0)
         if USE_MAX:
-            m, a = _max_partials(pmax, parg, S, N * C, n * C + c, c_ok)
+            m, a = _max_partials(pmax, parg, S, N * C, n * C + c, c_ok, True)
             tl.store(pooled_out + ((K - 1) * N + n) * C + c, m, mask=c_ok)
             tl.store(pstar_out + n * C + c, a, mask=c_ok)
             h_max += tl.sum(w1t * m[:, None], 0)
@@ -233,54 +217,90 @@ def channel_mlp(pool: Partials, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
 # ----------------------------------------------------------------------------- spatial gate
 
 @triton.jit
+def _taps(conv_w, sw_ch, sw_i, sw_j, KSIZE: tl.constexpr, TBLOCK: tl.constexpr):
+    """The conv's taps as vectors: offsets (dy, dx) in [-k//2, k//2], which exist, and the
+    weights of both input channels (0 for padding taps)."""
+    PAD: tl.constexpr = KSIZE // 2
+    t = tl.arange(0, TBLOCK)
+    t_ok = t < KSIZE * KSIZE
+    i = t // KSIZE
+    j = t % KSIZE
+    w0 = tl.load(conv_w + i * sw_i + j * sw_j, mask=t_ok, other=0.0).to(tl.float32)
+    w1 = tl.load(conv_w + sw_ch + i * sw_i + j * sw_j, mask=t_ok, other=0.0).to(tl.float32)
+    return i - PAD, j - PAD, t_ok, w0, w1
+
+
+@triton.jit
+def _neighbours(pix, valid, W, H, dy, dx, t_ok):
+    """[pixels, taps] flat indices of (row + dy, col + dx), and which lie inside the map."""
+    r = (pix // W)[:, None] + dy[None, :]
+    c = (pix % W)[:, None] + dx[None, :]
+    inside = valid[:, None] & t_ok[None, :] & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+    return r * W + c, inside
+
+
+@triton.jit
 def _conv_kernel(psum, pmax, parg, S, N, H, W, hw_blocks, conv_w, sw_ch, sw_i, sw_j,
                  p_out, cstar_out, u_out, stats_part, sa_out, stats_out, mean_ptr, var_ptr, bn_w,
                  bn_b, eps,
                  MAX_PLANE: tl.constexpr, KSIZE: tl.constexpr, BATCH_STATS: tl.constexpr,
-                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
-    """One block of pixels of one sample: finish the channel pools into p (N, 2, HW) and cstar,
-    u = conv_kxk(p) (zero padding). Eval: u -> xhat (u_out) and sa with the running statistics,
-    which program 0 also copies to stats_out. Training: u (u_out) and this block's (mean, M2) of
-    u in stats_part[pid]."""
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+                 SUB: tl.constexpr, TBLOCK: tl.constexpr):
+    """One block of BLOCK pixels of one sample, SUB pixels x all taps at a time: finish the
+    channel pools into p (N, 2, HW) and cstar, u = conv_kxk(p) (zero padding). Eval: u -> xhat
+    (u_out) and sa with the running statistics, which program 0 also copies to stats_out.
+    Training: u (u_out) and this block's (mean, M2) of u in stats_part[pid] (Chan et al.)."""
     pid = tl.program_id(0)
     HW = H * W
-    n, pix, rows, cols, valid = _pixels(pid, hw_blocks, HW, W, BLOCK)
-    n = n.to(tl.int64)
+    n = (pid // hw_blocks).to(tl.int64)
+    base = (pid % hw_blocks) * BLOCK
     stride_s = N * HW
-    mean = _sum_partials(psum, S, stride_s, n * HW + pix, valid)
-    mx, arg = _max_partials(pmax, parg, S, stride_s, n * HW + pix, valid)
-    tl.store(p_out + (2 * n + MAX_PLANE) * HW + pix, mx, mask=valid)
-    tl.store(p_out + (2 * n + 1 - MAX_PLANE) * HW + pix, mean, mask=valid)
-    tl.store(cstar_out + n * HW + pix, arg, mask=valid)
-    PAD: tl.constexpr = KSIZE // 2
-    u = tl.zeros([BLOCK], tl.float32)
-    for t in range(KSIZE * KSIZE):
-        i = t // KSIZE
-        j = t % KSIZE
-        q, inside = _shifted(rows, cols, valid, i - PAD, j - PAD, H, W)
-        q_mean = _sum_partials(psum, S, stride_s, n * HW + q, inside)
-        q_max, _ = _max_partials(pmax, parg, S, stride_s, n * HW + q, inside)
-        w_max = tl.load(conv_w + MAX_PLANE * sw_ch + i * sw_i + j * sw_j).to(tl.float32)
-        w_mean = tl.load(conv_w + (1 - MAX_PLANE) * sw_ch + i * sw_i + j * sw_j).to(tl.float32)
-        u += tl.where(inside, w_max * q_max + w_mean * q_mean, 0.0)
-    if BATCH_STATS:
-        tl.store(u_out + n * HW + pix, u, mask=valid)
-        count = tl.sum(valid.to(tl.float32), 0)
-        block_mean = tl.sum(tl.where(valid, u, 0.0), 0) / count
-        dev = tl.where(valid, u - block_mean, 0.0)
-        tl.store(stats_part + 2 * pid, block_mean)
-        tl.store(stats_part + 2 * pid + 1, tl.sum(dev * dev, 0))
-    else:
+    dy, dx, t_ok, w0, w1 = _taps(conv_w, sw_ch, sw_i, sw_j, KSIZE, TBLOCK)
+    w_max = w0 if MAX_PLANE == 0 else w1
+    w_mean = w1 if MAX_PLANE == 0 else w0
+    count = 0.0
+    mean_u = 0.0
+    m2_u = 0.0
+    run_mean = 0.0
+    rstd = 1.0
+    if not BATCH_STATS:
         run_mean = tl.load(mean_ptr).to(tl.float32)
         run_var = tl.load(var_ptr).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(run_var + eps)
         if pid == 0:
             tl.store(stats_out, run_mean)
             tl.store(stats_out + 1, run_var)
-        rstd = 1.0 / tl.sqrt(run_var + eps)
-        xhat = (u - run_mean) * rstd
-        tl.store(u_out + n * HW + pix, xhat, mask=valid)
-        v = xhat * _scalar(bn_w, 1.0, HAS_W) + _scalar(bn_b, 0.0, HAS_B)
-        tl.store(sa_out + n * HW + pix, tl.sigmoid(v), mask=valid)
+    for sub in range(0, tl.minimum(BLOCK, HW - base), SUB):
+        pix = base + sub + tl.arange(0, SUB)
+        valid = pix < HW
+        at = n * HW + pix
+        mean = _sum_partials(psum, S, stride_s, at, valid)
+        mx, arg = _max_partials(pmax, parg, S, stride_s, at, valid, True)
+        tl.store(p_out + (2 * n + MAX_PLANE) * HW + pix, mx, mask=valid)
+        tl.store(p_out + (2 * n + 1 - MAX_PLANE) * HW + pix, mean, mask=valid)
+        tl.store(cstar_out + at, arg, mask=valid)
+        q, inside = _neighbours(pix, valid, W, H, dy, dx, t_ok)
+        q_mean = _sum_partials(psum, S, stride_s, n * HW + q, inside)
+        q_max, _ = _max_partials(pmax, parg, S, stride_s, n * HW + q, inside, False)
+        u = tl.sum(tl.where(inside, q_max * w_max[None, :] + q_mean * w_mean[None, :], 0.0), 1)
+        if BATCH_STATS:
+            tl.store(u_out + at, u, mask=valid)
+            sub_count = tl.sum(valid.to(tl.float32), 0)
+            sub_mean = tl.sum(tl.where(valid, u, 0.0), 0) / sub_count
+            dev = tl.where(valid, u - sub_mean, 0.0)
+            total = count + sub_count
+            delta = sub_mean - mean_u
+            m2_u += tl.sum(dev * dev, 0) + delta * delta * count * sub_count / total
+            mean_u += delta * sub_count / total
+            count = total
+        else:
+            xhat = (u - run_mean) * rstd
+            tl.store(u_out + at, xhat, mask=valid)
+            v = xhat * _scalar(bn_w, 1.0, HAS_W) + _scalar(bn_b, 0.0, HAS_B)
+            tl.store(sa_out + at, tl.sigmoid(v), mask=valid)
+    if BATCH_STATS:
+        tl.store(stats_part + 2 * pid, mean_u)
+        tl.store(stats_part + 2 * pid + 1, m2_u)
 
 
 @triton.jit
@@ -366,7 +386,8 @@ def spatial_gate(pool: Partials, conv_w: Tensor, bn_w: Optional[Tensor], bn_b: O
         conv_w.stride(1), conv_w.stride(2), conv_w.stride(3), p, cstar, xhat, part, sa, stats,
         bn.running_mean, bn.running_var, bn_w, bn_b, bn.eps, MAX_PLANE=0 if max_first else 1,
         KSIZE=conv_w.shape[-1], BATCH_STATS=bn.batch_stats, HAS_W=bn_w is not None,
-        HAS_B=bn_b is not None, BLOCK=PIXEL_BLOCK, num_warps=WARPS)
+        HAS_B=bn_b is not None, BLOCK=PIXEL_BLOCK, SUB=PIXEL_SUB,
+        TBLOCK=_pow2(conv_w.shape[-1] ** 2), num_warps=WARPS)
     if bn.batch_stats:
         update = bn.num_batches_tracked is not None
         _batch_norm_kernel[(programs,)](
@@ -403,45 +424,45 @@ def _sa_grad_kernel(gpart, S, N, HW, hw_blocks, sa, xhat, gv_out, bn_part,
 def _conv_grad_kernel(gv, xhat, p, bn_part, programs, N, H, W, hw_blocks, conv_w, sw_ch, sw_i,
                       sw_j, stats, bn_w, eps, gp_out, wpart,
                       BATCH_STATS: tl.constexpr, HAS_W: tl.constexpr, KSIZE: tl.constexpr,
-                      BLOCK: tl.constexpr, PBLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, SUB: tl.constexpr, TBLOCK: tl.constexpr,
+                      PBLOCK: tl.constexpr):
     """gu, the gradient of the conv output (BatchNorm's backward, through the batch statistics
-    in training), then gp = conv_transpose(gu) (N, 2, HW) for this block, and this block's
-    share of the conv weight gradient, sum p(shifted) * gu per tap, to wpart[pid, 2 k k]."""
+    in training), then for this block gp = conv_transpose(gu) (N, 2, HW) and its share of the
+    conv weight gradient, sum p(shifted) * gu per tap, to wpart[pid] (2 k k)."""
     pid = tl.program_id(0)
     HW = H * W
-    n, pix, rows, cols, valid = _pixels(pid, hw_blocks, HW, W, BLOCK)
-    n = n.to(tl.int64)
-    gamma = _scalar(bn_w, 1.0, HAS_W)
-    scale = gamma / tl.sqrt(tl.load(stats + 1) + eps)
+    n = (pid // hw_blocks).to(tl.int64)
+    base = (pid % hw_blocks) * BLOCK
+    scale = _scalar(bn_w, 1.0, HAS_W) / tl.sqrt(tl.load(stats + 1) + eps)
     shift = 0.0
     tilt = 0.0
     if BATCH_STATS:
         total = (N * HW).to(tl.float32)
         shift = _batch_sum(bn_part, programs, 2, 0, PBLOCK) / total
         tilt = _batch_sum(bn_part, programs, 2, 1, PBLOCK) / total
-    gu = scale * (tl.load(gv + n * HW + pix, mask=valid, other=0.0) - shift
-                  - tl.load(xhat + n * HW + pix, mask=valid, other=0.0) * tilt)
-    gu = tl.where(valid, gu, 0.0)
-    PAD: tl.constexpr = KSIZE // 2
+    dy, dx, t_ok, w0, w1 = _taps(conv_w, sw_ch, sw_i, sw_j, KSIZE, TBLOCK)
+    acc0 = tl.zeros([TBLOCK], tl.float32)
+    acc1 = tl.zeros([TBLOCK], tl.float32)
+    for sub in range(0, tl.minimum(BLOCK, HW - base), SUB):
+        pix = base + sub + tl.arange(0, SUB)
+        valid = pix < HW
+        at = n * HW + pix
+        gu = scale * (tl.load(gv + at, mask=valid, other=0.0) - shift
+                      - tl.load(xhat + at, mask=valid, other=0.0) * tilt)
+        gu = tl.where(valid, gu, 0.0)
+        q, inside = _neighbours(pix, valid, W, H, -dy, -dx, t_ok)
+        gu_q = scale * (tl.load(gv + n * HW + q, mask=inside, other=0.0) - shift
+                        - tl.load(xhat + n * HW + q, mask=inside, other=0.0) * tilt)
+        gu_q = tl.where(inside, gu_q, 0.0)
+        tl.store(gp_out + 2 * n * HW + pix, tl.sum(gu_q * w0[None, :], 1), mask=valid)
+        tl.store(gp_out + (2 * n + 1) * HW + pix, tl.sum(gu_q * w1[None, :], 1), mask=valid)
+        q, inside = _neighbours(pix, valid, W, H, dy, dx, t_ok)
+        acc0 += tl.sum(tl.load(p + 2 * n * HW + q, mask=inside, other=0.0) * gu[:, None], 0)
+        acc1 += tl.sum(tl.load(p + (2 * n + 1) * HW + q, mask=inside, other=0.0) * gu[:, None], 0)
+    t = tl.arange(0, TBLOCK)
     TAPS: tl.constexpr = KSIZE * KSIZE
-    gp0 = tl.zeros([BLOCK], tl.float32)
-    gp1 = tl.zeros([BLOCK], tl.float32)
-    for t in range(TAPS):
-        i = t // KSIZE
-        j = t % KSIZE
-        q, inside = _shifted(rows, cols, valid, PAD - i, PAD - j, H, W)
-        gv_q = tl.load(gv + n * HW + q, mask=inside, other=0.0)
-        xh_q = tl.load(xhat + n * HW + q, mask=inside, other=0.0)
-        gu_q = tl.where(inside, scale * (gv_q - shift - xh_q * tilt), 0.0)
-        gp0 += tl.load(conv_w + i * sw_i + j * sw_j).to(tl.float32) * gu_q
-        gp1 += tl.load(conv_w + sw_ch + i * sw_i + j * sw_j).to(tl.float32) * gu_q
-        q, inside = _shifted(rows, cols, valid, i - PAD, j - PAD, H, W)
-        p0 = tl.load(p + 2 * n * HW + q, mask=inside, other=0.0)
-        p1 = tl.load(p + (2 * n + 1) * HW + q, mask=inside, other=0.0)
-        tl.store(wpart + pid * 2 * TAPS + t, tl.sum(p0 * gu, 0))
-        tl.store(wpart + pid * 2 * TAPS + TAPS + t, tl.sum(p1 * gu, 0))
-    tl.store(gp_out + 2 * n * HW + pix, gp0, mask=valid)
-    tl.store(gp_out + (2 * n + 1) * HW + pix, gp1, mask=valid)
+    tl.store(wpart + pid * 2 * TAPS + t, acc0, mask=t_ok)
+    tl.store(wpart + pid * 2 * TAPS + TAPS + t, acc1, mask=t_ok)
 
 
 class SpatialGrads(NamedTuple):
@@ -469,7 +490,8 @@ def spatial_backward(grad: Partials, saved: SpatialSaved, conv_w: Tensor, bn_w: 
         gv, saved.xhat, saved.p, bn_part, programs, n, height, width, hw_blocks, conv_w,
         conv_w.stride(1), conv_w.stride(2), conv_w.stride(3), saved.stats, bn_w, bn.eps, gp,
         wpart, BATCH_STATS=bn.batch_stats, HAS_W=bn_w is not None,
-        KSIZE=conv_w.shape[-1], BLOCK=PIXEL_BLOCK, PBLOCK=PARTIAL_BLOCK, num_warps=WARPS)
+        KSIZE=conv_w.shape[-1], BLOCK=PIXEL_BLOCK, SUB=PIXEL_SUB,
+        TBLOCK=_pow2(conv_w.shape[-1] ** 2), PBLOCK=PARTIAL_BLOCK, num_warps=WARPS)
     return SpatialGrads(gp, wpart, bn_part)
 
 

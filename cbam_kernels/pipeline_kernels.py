@@ -59,16 +59,16 @@ class KernelPipeline:
             if params.conv_w is not None:
                 spatial = small.spatial_gate(self.passes.channel_pool(x, ca), params.conv_w,
                                              params.bn_w, params.bn_b, bn, cfg.max_first, h, w)
-            sa = spatial.sa if spatial is not None else None
+            sa = spatial.sa.view(-1, h, w) if spatial is not None else None
             return self.passes.apply_gates(x, ca, sa, residual), channel, spatial
 
     def backward(self, gy: Tensor, x: Tensor, out: Optional[Tensor], params: GateParams,
                  cfg: GateConfig, bn: BatchNormState, channel: Optional[ChannelSaved],
                  spatial: Optional[SpatialSaved]) -> GateGrads:
         """As ``pipeline_torch.backward``."""
-        _, _, h, w = x.shape
+        n, _, h, w = x.shape
         ca = channel.ca if channel is not None else None
-        sa = spatial.sa if spatial is not None else None
+        sa = spatial.sa.view(n, h, w) if spatial is not None else None
         gres = gp = cstar = spatial_grads = channel_grads = ga = gm = pstar = None
         with _on_device(x):
             if spatial is not None:
@@ -76,7 +76,7 @@ class KernelPipeline:
                 gy, out = (gres, None) if gres is not None else (gy, out)
                 spatial_grads = small.spatial_backward(part, spatial, params.conv_w, params.bn_w,
                                                        bn, h, w)
-                gp, cstar = spatial_grads.gp, spatial.cstar
+                gp, cstar = spatial_grads.gp.view(n, 2, h, w), spatial.cstar.view(n, h, w)
             if channel is not None:
                 part, masked = self.passes.grad_channel(gy, x, sa, gp, cstar, cfg.max_first, out)
                 gy, gres = (masked, masked) if masked is not None else (gy, gres)

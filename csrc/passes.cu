@@ -4,21 +4,23 @@
 // and not along H*W, NCHW-like otherwise. Vector loads and stores (16, else 8 bytes) are used
 // when every full-size tensor of the launch is contiguous along the inner axis with aligned
 // rows; other strides (a gy in another memory format, say) take the one-element kernels. Every
-// split depends on the shape only, so results are the same run after run and on every GPU.
-#include <c10/cuda/CUDAException.h>
-
+// split depends on the shape and layout only, so results are the same run after run and on
+// every GPU.
 #include <algorithm>
 #include <initializer_list>
-#include <type_traits>
 
 #include "passes.cuh"
+#ifndef CBAM_EMULATION  // the CPU emulation (tests/cuda_emulation) brings its own launch()
+#include <c10/cuda/CUDAException.h>
+#endif
 
 namespace cbam {
 namespace {
 
-constexpr int64_t kTargetBlocks = 1024;  // split reductions until about this many blocks
-constexpr int64_t kMinLoads = 4;         // ... while each thread still makes this many loads
-constexpr int64_t kMaxSplits = 1024;     // and at most this many chunks
+constexpr int64_t kTargetBlocks = 1024;  // elementwise passes: split rows until this many blocks
+constexpr int64_t kMinLoads = 4;         // reductions: loads per thread and range, at least
+constexpr int64_t kMaxSplits = 1024;     // reductions: ranges of the reduced axis, at most
+constexpr int64_t kWidestVec = 8;        // elements per load, at most (16 bytes of 16-bit data)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -28,17 +30,34 @@ int pow2_at_least(int64_t v, int cap) {
   return p;
 }
 
+#ifndef CBAM_EMULATION
+// kernel<<<grid, block, 0, stream>>>(args...), then a check that the launch went through.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+            const Args&... args) {
+  kernel<<<grid, block, 0, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
+
 bool channels_inner(const In& x) { return x.sC == 1 && x.sHW != 1; }
 
 template <bool CL, typename T>
-View<const T*> orient(const In& t) {
+View<Ptr<const T>> orient(const In& t) {
   return {static_cast<const T*>(t.data), t.sN, CL ? t.sHW : t.sC, CL ? t.sC : t.sHW};
 }
 
 template <bool CL, typename T>
-View<T*> orient(const Out& t) {
+View<Ptr<T>> orient(const Out& t) {
   return {static_cast<T*>(t.data), t.sN, CL ? t.sHW : t.sC, CL ? t.sC : t.sHW};
 }
+
+template <bool CL, typename T, int VEC>
+EpilogueGy<T, VEC> epilogue_gy(const In& gy, const EpilogueGrad& e) {
+  return {orient<CL, T>(gy), orient<CL, T>(e.out), orient<CL, T>(e.gres)};
+}
+
+In as_in(const Out& t) { return {t.data, t.sN, t.sC, t.sHW}; }
 
 template <bool CL>
 Dims dims(const Shape& s) {
@@ -46,14 +65,15 @@ Dims dims(const Shape& s) {
 }
 
 // Whether `vec` elements of `elem` bytes can be loaded at once from every full-size tensor
-// (inner stride 1, rows and base aligned) and every small tensor (16-byte aligned base).
+// present (inner stride 1, rows and base aligned) and every small tensor (16-byte aligned base).
 bool vec_fits(int vec, int elem, bool cl, int64_t inner, std::initializer_list<In> full,
               std::initializer_list<const void*> small) {
   if (inner % vec != 0) return false;
   for (const In& t : full) {
     const int64_t s_inner = cl ? t.sC : t.sHW, s_outer = cl ? t.sHW : t.sC;
-    if (s_inner != 1 || t.sN % vec != 0 || s_outer % vec != 0 ||
-        reinterpret_cast<uintptr_t>(t.data) % (vec * elem) != 0)
+    if (t.data != nullptr &&
+        (s_inner != 1 || t.sN % vec != 0 || s_outer % vec != 0 ||
+         reinterpret_cast<uintptr_t>(t.data) % (vec * elem) != 0))
       return false;
   }
   for (const void* p : small) {
@@ -79,28 +99,23 @@ template <typename T>
 struct Tag {
   using type = T;
 };
-template <int V>
-using Int = std::integral_constant<int, V>;
-template <bool B>
-using Bool = std::integral_constant<bool, B>;
 
-// Calls f(Tag<T>, Int<VEC>, Bool<CL>) for the dtype, with VEC = bytes / sizeof(T), or 1.
+// Calls f.template operator()<T, VEC, CL>() for the dtype T, with VEC = bytes / sizeof(T), or 1.
 template <typename F>
 void dispatch(DType dt, int bytes, bool cl, F&& f) {
-  auto with_type = [&](auto tag) {
-    constexpr int kSize = sizeof(typename decltype(tag)::type);
-    auto with_vec = [&](auto vec) {
+  auto with_type = [&]<typename T>(Tag<T>) {
+    auto with_vec = [&]<int VEC>() {
       if (cl)
-        f(tag, vec, Bool<true>{});
+        f.template operator()<T, VEC, true>();
       else
-        f(tag, vec, Bool<false>{});
+        f.template operator()<T, VEC, false>();
     };
     if (bytes == 16)
-      with_vec(Int<16 / kSize>{});
+      with_vec.template operator()<16 / sizeof(T)>();
     else if (bytes == 8)
-      with_vec(Int<8 / kSize>{});
+      with_vec.template operator()<8 / sizeof(T)>();
     else
-      with_vec(Int<1>{});
+      with_vec.template operator()<1>();
   };
   switch (dt) {
     case DType::kHalf: with_type(Tag<__half>{}); break;
@@ -109,58 +124,45 @@ void dispatch(DType dt, int bytes, bool cl, F&& f) {
   }
 }
 
-// Reduce `value` over H*W (REDUCE_HW) or over C into `sink`, through a partials buffer when the
-// reduced axis is split into chunks.
+// S ranges of `chunk` elements (a multiple of the widest vector; the last range may be shorter).
+struct Split {
+  int64_t S, chunk;
+};
+
+// The split of a reduction over H*W (over_hw) or C, whose reduced axis is the inner (contiguous)
+// one or not: as many ranges as keep about `target` (n, kept index, range) triples, each range at
+// least `min_range` long, at most kMaxSplits. An inner reduction gives each triple up to 32
+// lanes, an outer one a column of a block's threads: hence different targets. (Estimates, not
+// yet tuned on a GPU.)
+Split split_of(int64_t N, int64_t C, int64_t HW, bool over_hw, bool inner) {
+  const int64_t kept = N * (over_hw ? C : HW), length = over_hw ? HW : C;
+  if (kept == 0 || length == 0) return {1, kWidestVec};
+  const int64_t target = inner ? 8192 : 131072, min_range = inner ? 1024 : 256;
+  const int64_t S = std::max<int64_t>(
+      1, std::min({ceil_div(target, kept), length / min_range, kMaxSplits}));
+  const int64_t chunk = ceil_div(ceil_div(length, S), kWidestVec) * kWidestVec;
+  return {ceil_div(length, chunk), chunk};
+}
+
+// Reduce `value` over H*W (REDUCE_HW) or over C into the partials of `sink`, one range of the
+// reduced axis per group of lanes (inner axis) or per block row (outer axis).
 template <bool kMax, bool REDUCE_HW, int VEC, bool CL, typename Value>
-void reduce(const Value& value, const Sink& sink, const Workspace& ws, cudaStream_t stream) {
+void reduce(const Value& value, const Sink& sink, cudaStream_t stream) {
   const Dims& d = value.d;
   constexpr bool kInner = REDUCE_HW != CL;  // the reduced axis is the inner one
-  const int64_t kept = kInner ? d.O : d.I, reduced = kInner ? d.I : d.O;
-  const int64_t vecs = ceil_div(d.I, VEC);
-  int G = 1, TX = 1, TY = 1;
-  int64_t tiles = 1, base, per_split;
+  const Split split = split_of(d.N, d.C, d.HW, REDUCE_HW, kInner);
   if constexpr (kInner) {
-    G = pow2_at_least(ceil_div(vecs, kMinLoads), 32);
-    base = ceil_div(d.N * d.O * G, kThreads);
-    per_split = int64_t(G) * VEC * kMinLoads;
+    const int64_t range = std::min(split.chunk, d.I);
+    const int G = pow2_at_least(ceil_div(ceil_div(range, VEC), kMinLoads), 32);
+    const int64_t threads = split.S * d.N * d.O * G;
+    launch(reduce_inner_kernel<kMax, VEC, Value>, dim3(ceil_div(threads, kThreads)),
+           dim3(kThreads), stream, value, G, split.chunk, split.S, sink);
   } else {
-    TX = pow2_at_least(vecs, 32);
-    TY = kThreads / TX;
-    tiles = ceil_div(vecs, TX);
-    base = d.N * tiles;
-    per_split = int64_t(TY) * kMinLoads;
-  }
-  int64_t S = std::min({ceil_div(kTargetBlocks, base), std::max<int64_t>(1, reduced / per_split),
-                        kMaxSplits});
-  int64_t chunk = ceil_div(reduced, S);
-  if (kInner) chunk = ceil_div(chunk, VEC) * VEC;
-  S = ceil_div(reduced, chunk);
-
-  Sink out = sink;
-  float *part_sum = nullptr, *part_max = nullptr;
-  int32_t* part_arg = nullptr;
-  if (S > 1) {
-    const int64_t count = S * d.N * kept;
-    part_sum = static_cast<float*>(ws(count * sizeof(float)));
-    if (kMax) {
-      part_max = static_cast<float*>(ws(count * sizeof(float)));
-      part_arg = static_cast<int32_t*>(ws(count * sizeof(int32_t)));
-    }
-    out = {part_sum, part_max, part_arg, d.N * kept, kept, kept, 1.f};
-  }
-  if constexpr (kInner) {
-    const int64_t threads = S * d.N * d.O * G;
-    reduce_inner_kernel<kMax, VEC>
-        <<<ceil_div(threads, kThreads), kThreads, 0, stream>>>(value, G, chunk, S, out);
-  } else {
-    reduce_outer_kernel<kMax, VEC>
-        <<<dim3(d.N * tiles, S), dim3(TX, TY), 0, stream>>>(value, tiles, chunk, out);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (S > 1) {
-    finalize_kernel<kMax><<<ceil_div(d.N * kept, kThreads), kThreads, 0, stream>>>(
-        part_sum, part_max, part_arg, S, d.N, kept, sink);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t vecs = ceil_div(d.I, VEC);
+    const int TX = pow2_at_least(vecs, 32), TY = kThreads / TX;
+    const int64_t tiles = ceil_div(vecs, TX);
+    launch(reduce_outer_kernel<kMax, VEC, Value>, dim3(d.N * tiles, split.S), dim3(TX, TY),
+           stream, value, tiles, split.chunk, sink);
   }
 }
 
@@ -171,46 +173,37 @@ void elementwise(const Op& op, cudaStream_t stream) {
   const int64_t row_blocks = std::min<int64_t>(ceil_div(d.N * d.O, TY), 0x7fffffff);
   const int64_t splits = std::min({std::max<int64_t>(1, ceil_div(kTargetBlocks, row_blocks)),
                                    ceil_div(d.I, int64_t(TX) * VEC), int64_t(65535)});
-  elementwise_kernel<VEC><<<dim3(row_blocks, splits), dim3(TX, TY), 0, stream>>>(op);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(elementwise_kernel<VEC, Op>, dim3(row_blocks, splits), dim3(TX, TY), stream, op);
 }
 
 bool empty(const Shape& s) { return s.N == 0 || s.C == 0 || s.HW == 0; }
 
 }  // namespace
 
-void pool_hw(DType dt, Shape s, In x, float* avg, float* mx, int32_t* arg, const Workspace& ws,
-             cudaStream_t stream) {
+int64_t splits(Shape s, In x, bool over_hw) {
+  return split_of(s.N, s.C, s.HW, over_hw, over_hw != channels_inner(x)).S;
+}
+
+void pool_hw(DType dt, Shape s, In x, Partials p, cudaStream_t stream) {
   if (empty(s)) return;
   const bool cl = channels_inner(x);
-  const int bytes = vec_bytes(dt, cl, s, {x}, {});
-  dispatch(dt, bytes, cl, [&](auto tag, auto vec, auto clv) {
-    using T = typename decltype(tag)::type;
-    constexpr int V = decltype(vec)::value;
-    constexpr bool CL = decltype(clv)::value;
+  dispatch(dt, vec_bytes(dt, cl, s, {x}, {}), cl, [&]<typename T, int V, bool CL>() {
     const XCa<T, V, CL> value{orient<CL, T>(x), nullptr, dims<CL>(s)};
-    const Sink sink{avg, mx, arg, 0, s.C, s.C, 1.f / float(s.HW)};
-    if (mx != nullptr)
-      reduce<true, true, V, CL>(value, sink, ws, stream);
+    const Sink sink{p.sum, p.max, p.arg, s.N, s.C, 1.f / float(s.HW)};
+    if (p.max != nullptr)
+      reduce<true, true, V, CL>(value, sink, stream);
     else
-      reduce<false, true, V, CL>(value, sink, ws, stream);
+      reduce<false, true, V, CL>(value, sink, stream);
   });
 }
 
-void channel_pool(DType dt, Shape s, In x, const Small& f, float* p, int32_t* cstar,
-                  const Workspace& ws, cudaStream_t stream) {
+void channel_pool(DType dt, Shape s, In x, const Small& f, Partials p, cudaStream_t stream) {
   if (empty(s)) return;
   const bool cl = channels_inner(x);
-  const int bytes = vec_bytes(dt, cl, s, {x}, {f.ca});
-  dispatch(dt, bytes, cl, [&](auto tag, auto vec, auto clv) {
-    using T = typename decltype(tag)::type;
-    constexpr int V = decltype(vec)::value;
-    constexpr bool CL = decltype(clv)::value;
+  dispatch(dt, vec_bytes(dt, cl, s, {x}, {f.ca}), cl, [&]<typename T, int V, bool CL>() {
     const XCa<T, V, CL> value{orient<CL, T>(x), f.ca, dims<CL>(s)};
-    float* pmax = p + (f.max_first ? 0 : s.HW);
-    float* pmean = p + (f.max_first ? s.HW : 0);
-    const Sink sink{pmean, pmax, cstar, 0, 2 * s.HW, s.HW, 1.f / float(s.C)};
-    reduce<true, false, V, CL>(value, sink, ws, stream);
+    const Sink sink{p.sum, p.max, p.arg, s.N, s.HW, 1.f / float(s.C)};
+    reduce<true, false, V, CL>(value, sink, stream);
   });
 }
 
@@ -218,58 +211,44 @@ void apply_gates(DType dt, Shape s, In x, const Small& f, In residual, Out y,
                  cudaStream_t stream) {
   if (empty(s)) return;
   const bool cl = channels_inner(x);
-  const In yin{y.data, y.sN, y.sC, y.sHW}, rin = residual.data != nullptr ? residual : x;
-  const int bytes = vec_bytes(dt, cl, s, {x, rin, yin}, {f.ca, f.sa});
-  dispatch(dt, bytes, cl, [&](auto tag, auto vec, auto clv) {
-    using T = typename decltype(tag)::type;
-    constexpr int V = decltype(vec)::value;
-    constexpr bool CL = decltype(clv)::value;
+  const int bytes = vec_bytes(dt, cl, s, {x, residual, as_in(y)}, {f.ca, f.sa});
+  dispatch(dt, bytes, cl, [&]<typename T, int V, bool CL>() {
     elementwise<V>(ApplyGates<T, V, CL>{orient<CL, T>(x), orient<CL, T>(residual),
                                         orient<CL, T>(y), f, dims<CL>(s)},
                    stream);
   });
 }
 
-void grad_spatial(DType dt, Shape s, In gy, In x, const Small& f, float* gsa, const Workspace& ws,
+void grad_spatial(DType dt, Shape s, In gy, In x, const Small& f, EpilogueGrad e, float* sum,
                   cudaStream_t stream) {
   if (empty(s)) return;
   const bool cl = channels_inner(x);
-  const int bytes = vec_bytes(dt, cl, s, {x, gy}, {f.ca});
-  dispatch(dt, bytes, cl, [&](auto tag, auto vec, auto clv) {
-    using T = typename decltype(tag)::type;
-    constexpr int V = decltype(vec)::value;
-    constexpr bool CL = decltype(clv)::value;
-    const GyXCa<T, V, CL> value{orient<CL, T>(gy), orient<CL, T>(x), f.ca, dims<CL>(s)};
-    const Sink sink{gsa, nullptr, nullptr, 0, s.HW, s.HW, 1.f};
-    reduce<false, false, V, CL>(value, sink, ws, stream);
+  const int bytes = vec_bytes(dt, cl, s, {x, gy, e.out, as_in(e.gres)}, {f.ca});
+  dispatch(dt, bytes, cl, [&]<typename T, int V, bool CL>() {
+    const GyXCa<T, V, CL> value{epilogue_gy<CL, T, V>(gy, e), orient<CL, T>(x), f.ca,
+                                dims<CL>(s)};
+    reduce<false, false, V, CL>(value, Sink{sum, nullptr, nullptr, s.N, s.HW, 1.f}, stream);
   });
 }
 
-void grad_channel(DType dt, Shape s, In gy, In x, const Small& f, float* gca, const Workspace& ws,
+void grad_channel(DType dt, Shape s, In gy, In x, const Small& f, EpilogueGrad e, float* sum,
                   cudaStream_t stream) {
   if (empty(s)) return;
   const bool cl = channels_inner(x);
-  const int bytes = vec_bytes(dt, cl, s, {x, gy}, {f.sa, f.gp, f.cstar});
-  dispatch(dt, bytes, cl, [&](auto tag, auto vec, auto clv) {
-    using T = typename decltype(tag)::type;
-    constexpr int V = decltype(vec)::value;
-    constexpr bool CL = decltype(clv)::value;
-    const Gx1X<T, V, CL> value{orient<CL, T>(gy), orient<CL, T>(x), f, dims<CL>(s)};
-    const Sink sink{gca, nullptr, nullptr, 0, s.C, s.C, 1.f};
-    reduce<false, true, V, CL>(value, sink, ws, stream);
+  const int bytes =
+      vec_bytes(dt, cl, s, {x, gy, e.out, as_in(e.gres)}, {f.sa, f.gp, f.cstar});
+  dispatch(dt, bytes, cl, [&]<typename T, int V, bool CL>() {
+    const Gx1X<T, V, CL> value{epilogue_gy<CL, T, V>(gy, e), orient<CL, T>(x), f, dims<CL>(s)};
+    reduce<false, true, V, CL>(value, Sink{sum, nullptr, nullptr, s.N, s.C, 1.f}, stream);
   });
 }
 
 void grad_input(DType dt, Shape s, In gy, const Small& f, Out gx, cudaStream_t stream) {
   if (empty(s)) return;
-  const In gxin{gx.data, gx.sN, gx.sC, gx.sHW};
-  const bool cl = channels_inner(gxin);
+  const bool cl = channels_inner(as_in(gx));
   const int bytes =
-      vec_bytes(dt, cl, s, {gy, gxin}, {f.ca, f.sa, f.gp, f.cstar, f.ga, f.gm, f.pstar});
-  dispatch(dt, bytes, cl, [&](auto tag, auto vec, auto clv) {
-    using T = typename decltype(tag)::type;
-    constexpr int V = decltype(vec)::value;
-    constexpr bool CL = decltype(clv)::value;
+      vec_bytes(dt, cl, s, {gy, as_in(gx)}, {f.ca, f.sa, f.gp, f.cstar, f.ga, f.gm, f.pstar});
+  dispatch(dt, bytes, cl, [&]<typename T, int V, bool CL>() {
     elementwise<V>(GradInput<T, V, CL>{orient<CL, T>(gy), orient<CL, T>(gx), f, dims<CL>(s)},
                    stream);
   });
@@ -277,7 +256,8 @@ void grad_input(DType dt, Shape s, In gy, const Small& f, Out gx, cudaStream_t s
 
 bool has_kernel_image() {
   cudaFuncAttributes attr;
-  const cudaError_t err = cudaFuncGetAttributes(&attr, finalize_kernel<false>);
+  const cudaError_t err =
+      cudaFuncGetAttributes(&attr, elementwise_kernel<1, GradInput<float, 1, false>>);
   if (err != cudaSuccess) (void)cudaGetLastError();  // not sticky; clear it
   return err == cudaSuccess;
 }

@@ -6,8 +6,12 @@
 // and each thread moves VEC elements (16 or 8 bytes) per load or store. Arithmetic and
 // accumulation are float32. Reductions are split deterministically: each thread sums a fixed
 // set of elements in a fixed order, threads are combined by a fixed tree (warp shuffles or
-// shared memory), and chunks of the reduced axis go to a float32 partials buffer that
-// finalize_kernel combines in chunk order. There are no atomics. Offsets are 64-bit.
+// shared memory), and each range of the reduced axis writes its own partial results, which
+// the consumer combines in range order. There are no atomics. Offsets are 64-bit.
+//
+// The CPU emulation of the kernels (tests/cuda_emulation) compiles this file with the host
+// compiler: for it, pointers are Ptr<T>, vector accesses go through read_as and write_as, and
+// shared memory is declared with SHARED_ARRAY.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -21,6 +25,11 @@ namespace cbam {
 
 constexpr int kThreads = 256;               // threads per block, every kernel
 constexpr int32_t kNoIndex = 0x7fffffff;    // arg-max of an empty range
+
+// `__shared__ T name[size]`: memory of the block (a race-checked array in the emulation).
+#ifndef CBAM_EMULATION
+#define SHARED_ARRAY(T, name, size) __shared__ T name[size]
+#endif
 
 // ------------------------------------------------------------------------------ element access
 
@@ -44,29 +53,40 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// *p read or written as a P, one access (a vector one for a Pack); the emulation has overloads
+// for its checked pointers.
+template <typename P, typename T>
+__device__ __forceinline__ P read_as(const T* p) {
+  return *reinterpret_cast<const P*>(p);
+}
+template <typename P, typename T>
+__device__ __forceinline__ void write_as(T* p, const P& v) {
+  *reinterpret_cast<P*>(p) = v;
+}
+
 // VEC consecutive elements as float (one vector load when VEC > 1).
 template <int VEC, typename T>
-__device__ __forceinline__ void load(const T* p, float (&v)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+__device__ __forceinline__ void load(Ptr<const T> p, float (&v)[VEC]) {
+  const auto pk = read_as<Pack<T, VEC>>(p);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) v[j] = to_float(pk.v[j]);
 }
 
 template <int VEC, typename T>
-__device__ __forceinline__ void store(T* p, const float (&v)[VEC]) {
+__device__ __forceinline__ void store(Ptr<T> p, const float (&v)[VEC]) {
   Pack<T, VEC> pk;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) pk.v[j] = from_float<T>(v[j]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+  write_as(p, pk);
 }
 
 // VEC consecutive 4-byte values of a small tensor (16-byte loads when VEC is a multiple of 4).
 template <int VEC, typename U>
-__device__ __forceinline__ void load_small(const U* p, U (&v)[VEC]) {
+__device__ __forceinline__ void load_small(Ptr<const U> p, U (&v)[VEC]) {
   constexpr int kStep = VEC % 4 == 0 ? 4 : 1;
 #pragma unroll
   for (int q = 0; q < VEC; q += kStep) {
-    const Pack<U, kStep> pk = *reinterpret_cast<const Pack<U, kStep>*>(p + q);
+    const auto pk = read_as<Pack<U, kStep>>(p + q);
 #pragma unroll
     for (int j = 0; j < kStep; ++j) v[q + j] = pk.v[j];
   }
@@ -94,7 +114,7 @@ struct Dims {
 
 // A factor indexed by (n, c), for the VEC elements at (o, i..i+VEC-1); f points at sample n.
 template <int VEC, bool CL, typename U>
-__device__ __forceinline__ void channel_factor(const U* f, int64_t o, int64_t i, U (&v)[VEC]) {
+__device__ __forceinline__ void channel_factor(Ptr<const U> f, int64_t o, int64_t i, U (&v)[VEC]) {
   if constexpr (CL) {
     load_small<VEC>(f + i, v);
   } else {
@@ -105,7 +125,7 @@ __device__ __forceinline__ void channel_factor(const U* f, int64_t o, int64_t i,
 
 // A factor indexed by (n, hw), likewise.
 template <int VEC, bool CL, typename U>
-__device__ __forceinline__ void pixel_factor(const U* f, int64_t o, int64_t i, U (&v)[VEC]) {
+__device__ __forceinline__ void pixel_factor(Ptr<const U> f, int64_t o, int64_t i, U (&v)[VEC]) {
   if constexpr (CL) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[j] = f[o];
@@ -122,7 +142,8 @@ __device__ __forceinline__ int64_t pixel_of(int64_t o, int64_t i) { return CL ? 
 // v *= f[c] (PER_CHANNEL, f a per-(n, c) row) or v *= f[hw] (f a per-(n, h*w) row); nothing
 // when f is null.
 template <int VEC, bool CL, bool PER_CHANNEL>
-__device__ __forceinline__ void scale_by(const float* f, int64_t o, int64_t i, float (&v)[VEC]) {
+__device__ __forceinline__ void scale_by(Ptr<const float> f, int64_t o, int64_t i,
+                                         float (&v)[VEC]) {
   if (f == nullptr) return;
   float s[VEC];
   if (PER_CHANNEL) {
@@ -140,7 +161,7 @@ __device__ __forceinline__ void grad_x1(const Small& f, const Dims& d, int64_t n
                                         int64_t i, float (&g)[VEC]) {
   scale_by<VEC, CL, false>(f.sa ? f.sa + n * d.HW : nullptr, o, i, g);
   if (f.gp != nullptr) {
-    const float* gp = f.gp + 2 * n * d.HW;
+    const Ptr<const float> gp = f.gp + 2 * n * d.HW;
     float gmax[VEC], gmean[VEC];
     int32_t cs[VEC];
     pixel_factor<VEC, CL>(gp + (f.max_first ? 0 : d.HW), o, i, gmax);
@@ -157,11 +178,30 @@ __device__ __forceinline__ void grad_x1(const Small& f, const Dims& d, int64_t n
 // ------------------------------------------------------------------ values of the reductions
 // Each fills v with the value at (n, o, i..i+VEC-1) that its pass reduces.
 
+// g = gy, or with out (the forward's output relu(... + residual)) g = 0 where out <= 0, else gy
+// (a NaN in out passes gy, as in torch's threshold_backward), which is also written to gres:
+// each element once, by the thread that reduces it.
+template <typename T, int VEC>
+struct EpilogueGy {
+  View<Ptr<const T>> gy, out;  // out.data == nullptr: no epilogue
+  View<Ptr<T>> gres;
+  __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i,
+                                             float (&g)[VEC]) const {
+    load<VEC>(gy.at(n, o, i), g);
+    if (out.data == nullptr) return;
+    float r[VEC];
+    load<VEC>(out.at(n, o, i), r);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) g[j] = r[j] <= 0.f ? 0.f : g[j];
+    store<VEC>(gres.at(n, o, i), g);
+  }
+};
+
 // pool_hw: x;  channel_pool: x * ca.
 template <typename T, int VEC, bool CL>
 struct XCa {
-  View<const T*> x;
-  const float* ca;
+  View<Ptr<const T>> x;
+  Ptr<const float> ca;
   Dims d;
   __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i,
                                              float (&v)[VEC]) const {
@@ -170,16 +210,17 @@ struct XCa {
   }
 };
 
-// grad_spatial: gy * x * ca.
+// grad_spatial: g * x * ca.
 template <typename T, int VEC, bool CL>
 struct GyXCa {
-  View<const T*> gy, x;
-  const float* ca;
+  EpilogueGy<T, VEC> gy;
+  View<Ptr<const T>> x;
+  Ptr<const float> ca;
   Dims d;
   __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i,
                                              float (&v)[VEC]) const {
     float xv[VEC];
-    load<VEC>(gy.at(n, o, i), v);
+    gy(n, o, i, v);
     load<VEC>(x.at(n, o, i), xv);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[j] *= xv[j];
@@ -187,16 +228,17 @@ struct GyXCa {
   }
 };
 
-// grad_channel: gx1 * x.
+// grad_channel: gx1(g) * x.
 template <typename T, int VEC, bool CL>
 struct Gx1X {
-  View<const T*> gy, x;
+  EpilogueGy<T, VEC> gy;
+  View<Ptr<const T>> x;
   Small f;
   Dims d;
   __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i,
                                              float (&v)[VEC]) const {
     float xv[VEC];
-    load<VEC>(gy.at(n, o, i), v);
+    gy(n, o, i, v);
     grad_x1<VEC, CL>(f, d, n, o, i, v);
     load<VEC>(x.at(n, o, i), xv);
 #pragma unroll
@@ -216,27 +258,28 @@ __device__ __forceinline__ void take_max(float& m, int32_t& a, float v, int32_t 
   }
 }
 
-// Where a reduction writes the result of chunk s for kept index k of sample n:
-// sum * scale to sum[s * s_stride + n * n_stride + k], and likewise max and arg.
+// Where a reduction writes the partials of range s for kept index k of sample n: element
+// (s, n, k) of (S, N, K) arrays, the sum times `scale` (1 / the divisor), the max and its index.
 struct Sink {
-  float* sum;
-  float* max;
-  int32_t* arg;
-  int64_t s_stride, n_stride, arg_n_stride;
+  Ptr<float> sum, max;
+  Ptr<int32_t> arg;
+  int64_t N, K;
   float scale;
   template <bool kMax>
   __device__ __forceinline__ void put(int64_t s, int64_t n, int64_t k, float acc, float m,
                                       int32_t a) const {
-    sum[s * s_stride + n * n_stride + k] = acc * scale;
+    const int64_t at = (s * N + n) * K + k;
+    sum[at] = acc * scale;
     if constexpr (kMax) {
-      max[s * s_stride + n * n_stride + k] = m;
-      arg[s * s_stride + n * arg_n_stride + k] = a;
+      max[at] = m;
+      arg[at] = a;
     }
   }
 };
 
 // Reduce along the inner (contiguous) axis: a group of G lanes (G a power of two <= 32) takes
-// one chunk of one (n, o) row, VEC elements per load, and combines its lanes with warp shuffles.
+// one range (`chunk` elements) of one (n, o) row, VEC elements per load, and combines its lanes
+// with warp shuffles.
 // Groups are numbered row-fastest, so neighbouring groups read neighbouring rows.
 // Traffic: one read of each full-size input; writes N * O * S sums (and max, arg).
 template <bool kMax, int VEC, typename Value>
@@ -275,15 +318,15 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Reduce along the outer axis: a (TX, TY) block takes TX * VEC inner positions of one sample and
-// one chunk of the outer axis; each thread walks every TY-th outer index of the chunk, then row
-// ty = 0 adds up the TY partials from shared memory in order.
+// one range (`chunk` indices) of the outer axis; each thread walks every TY-th outer index of the
+// range, then row ty = 0 adds up the TY partials from shared memory in order.
 // Traffic: one read of each full-size input; writes N * I * S sums (and max, arg).
 template <bool kMax, int VEC, typename Value>
 __global__ void __launch_bounds__(kThreads)
     reduce_outer_kernel(const Value value, int64_t tiles, int64_t chunk, const Sink sink) {
-  __shared__ float s_acc[kThreads * VEC];
-  __shared__ float s_max[kMax ? kThreads * VEC : 1];
-  __shared__ int32_t s_arg[kMax ? kThreads * VEC : 1];
+  SHARED_ARRAY(float, s_acc, kThreads * VEC);
+  SHARED_ARRAY(float, s_max, kMax ? kThreads * VEC : 1);
+  SHARED_ARRAY(int32_t, s_arg, kMax ? kThreads * VEC : 1);
   const Dims& d = value.d;
   const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
   const int64_t n = divide(blockIdx.x, tiles), tile = blockIdx.x - n * tiles, s = blockIdx.y;
@@ -332,31 +375,13 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = 0; j < VEC; ++j) sink.put<kMax>(s, n, i + j, acc[j], m[j], a[j]);
 }
 
-// Combine S chunk partials ([S][N][K] float32 sums, max, int32 arg) in chunk order, one thread
-// per (n, k). Traffic: reads S * N * K partials, writes N * K results.
-template <bool kMax>
-__global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const float* part_sum, const float* part_max, const int32_t* part_arg,
-                    int64_t S, int64_t N, int64_t K, const Sink sink) {
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= N * K) return;
-  float acc = 0.f, m = -INFINITY;
-  int32_t a = kNoIndex;
-  for (int64_t s = 0; s < S; ++s) {
-    acc += part_sum[s * N * K + idx];
-    if constexpr (kMax) take_max(m, a, part_max[s * N * K + idx], part_arg[s * N * K + idx]);
-  }
-  const int64_t n = divide(idx, K);
-  sink.put<kMax>(0, n, idx - n * K, acc, m, a);
-}
-
 // ----------------------------------------------------------------------------- elementwise
 
 // y = x * ca * sa, or relu(x * ca * sa + residual) (the ResNet block epilogue; NaN stays NaN).
 template <typename T, int VEC, bool CL>
 struct ApplyGates {
-  View<const T*> x, residual;  // residual.data == nullptr: absent
-  View<T*> y;
+  View<Ptr<const T>> x, residual;  // residual.data == nullptr: absent
+  View<Ptr<T>> y;
   Small f;
   Dims d;
   __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i) const {
@@ -376,8 +401,8 @@ struct ApplyGates {
 // gx = gx1 * ca + ga / HW + gm * [hw == pstar]  (x itself is not read).
 template <typename T, int VEC, bool CL>
 struct GradInput {
-  View<const T*> gy;
-  View<T*> gx;
+  View<Ptr<const T>> gy;
+  View<Ptr<T>> gx;
   Small f;
   Dims d;
   __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i) const {

@@ -1,18 +1,30 @@
 // Host API of the six full-size passes of CBAM and SE (launchers in passes.cu).
 //
-// Plain C++: raw pointers, sizes and strides, no torch types, so that bindings.cpp stays a thin
+// Plain C++: raw pointers, sizes and strides, no torch types, so that ops.cpp stays a thin
 // layer of argument checks. The math of each pass is cbam_kernels/passes_torch.py, argument for
 // argument. Full-size tensors are float16, bfloat16 or float32 (4-D tensors seen as (N, C, H*W));
 // small ones are float32 or int32, contiguous, 16-byte aligned; nullptr means "absent".
+//
+// The reductions return partials: the reduced axis is cut into S consecutive ranges (splits()),
+// and each range writes its own results, (S, N, K) float32/int32 arrays that the consumer
+// combines in range order (cbam_kernels/passes_torch.py, Partials and combine_partials).
 #pragma once
 
 #include <cuda_runtime_api.h>
 
-#include <cstddef>
 #include <cstdint>
-#include <functional>
 
 namespace cbam {
+
+// A pointer that the kernels dereference: a plain pointer, or a bounds- and alignment-checked
+// one in the CPU emulation of the kernels (tests/cuda_emulation, which defines CBAM_EMULATION).
+#ifdef CBAM_EMULATION
+template <typename T>
+using Ptr = emulation::Checked<T>;
+#else
+template <typename T>
+using Ptr = T*;
+#endif
 
 enum class DType { kHalf, kBFloat16, kFloat };
 
@@ -32,33 +44,51 @@ struct Out {
 
 // The small per-sample tensors a pass may use (which ones, see each launcher).
 struct Small {
-  const float* ca = nullptr;       // (N, C)       channel gate
-  const float* sa = nullptr;       // (N, HW)      spatial gate
-  const float* gp = nullptr;       // (N, 2, HW)   gradient of the pooled map p
-  const int32_t* cstar = nullptr;  // (N, HW)      channel arg-max (needed with gp)
-  const float* ga = nullptr;       // (N, C)       gradient of the average pool
-  const float* gm = nullptr;       // (N, C)       gradient of the max pool
-  const int32_t* pstar = nullptr;  // (N, C)       spatial arg-max (needed with gm)
-  bool max_first = true;           // p[:, 0] holds the max over channels (else p[:, 1])
+  Ptr<const float> ca = nullptr;       // (N, C)       channel gate
+  Ptr<const float> sa = nullptr;       // (N, HW)      spatial gate
+  Ptr<const float> gp = nullptr;       // (N, 2, HW)   gradient of the pooled map p
+  Ptr<const int32_t> cstar = nullptr;  // (N, HW)      channel arg-max (needed with gp)
+  Ptr<const float> ga = nullptr;       // (N, C)       gradient of the average pool
+  Ptr<const float> gm = nullptr;       // (N, C)       gradient of the max pool
+  Ptr<const int32_t> pstar = nullptr;  // (N, C)       spatial arg-max (needed with gm)
+  bool max_first = true;               // gp[:, 0] is the gradient of the max over channels
 };
 
-// Device memory for partial results; must stay valid for the work queued on the stream.
-using Workspace = std::function<void*(size_t bytes)>;
+// Where a reduction writes its partials, each (S, N, K) contiguous: per range of the reduced
+// axis, the sum divided by the reduction's divisor, and (when max is not null) the max and the
+// index along the whole axis of its first occurrence.
+struct Partials {
+  float* sum;
+  float* max = nullptr;
+  int32_t* arg = nullptr;
+};
 
-// avg, mx, arg (N, C) = mean, max and first arg-max of x over H*W; mx and arg may be nullptr.
-void pool_hw(DType dt, Shape s, In x, float* avg, float* mx, int32_t* arg, const Workspace& ws,
-             cudaStream_t stream);
-// p (N, 2, HW) = [max_c, mean_c] (or [mean_c, max_c]) of x * ca; cstar (N, HW) the arg-max.
-void channel_pool(DType dt, Shape s, In x, const Small& f, float* p, int32_t* cstar,
-                  const Workspace& ws, cudaStream_t stream);
+// The backward of the ResNet epilogue relu(... + residual) in front of a reduction of gy: with
+// out.data (the forward's output), g = 0 where out <= 0, else gy (as torch's threshold_backward:
+// a NaN in out passes gy), is reduced in place of gy and written to gres, each element once, by
+// the thread that reduces it.
+struct EpilogueGrad {
+  In out;
+  Out gres;
+};
+
+// S, the number of ranges that the reduction over H*W (over_hw) or over C of x cuts its axis
+// into, as the launchers do: from the shape and which axis of x is contiguous only (not the
+// dtype, alignment or GPU); 1 when x is empty.
+int64_t splits(Shape s, In x, bool over_hw);
+
+// Partials over H*W of x: sums divided by HW, max and h*w arg-max when p.max; K = C.
+void pool_hw(DType dt, Shape s, In x, Partials p, cudaStream_t stream);
+// Partials over C of x * ca (uses f.ca): sums divided by C, max and channel arg-max; K = HW.
+void channel_pool(DType dt, Shape s, In x, const Small& f, Partials p, cudaStream_t stream);
 // y = x * ca * sa (uses f.ca, f.sa); with residual.data, relu(x * ca * sa + residual).
 void apply_gates(DType dt, Shape s, In x, const Small& f, In residual, Out y,
                  cudaStream_t stream);
-// gsa (N, HW) = sum_c gy * x * ca  (uses f.ca).
-void grad_spatial(DType dt, Shape s, In gy, In x, const Small& f, float* gsa, const Workspace& ws,
+// Partial sums over C of g * x * ca (uses f.ca); K = HW.
+void grad_spatial(DType dt, Shape s, In gy, In x, const Small& f, EpilogueGrad e, float* sum,
                   cudaStream_t stream);
-// gca (N, C) = sum_hw gx1 * x, gx1 = gy * sa + gp_mean / C + gp_max * [c == cstar].
-void grad_channel(DType dt, Shape s, In gy, In x, const Small& f, float* gca, const Workspace& ws,
+// Partial sums over H*W of gx1 * x, gx1 = g * sa + gp_mean / C + gp_max * [c == cstar]; K = C.
+void grad_channel(DType dt, Shape s, In gy, In x, const Small& f, EpilogueGrad e, float* sum,
                   cudaStream_t stream);
 // gx = gx1 * ca + ga / HW + gm * [hw == pstar]  (uses every field of f; x is not needed).
 void grad_input(DType dt, Shape s, In gy, const Small& f, Out gx, cudaStream_t stream);

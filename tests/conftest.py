@@ -5,13 +5,22 @@
 * ``TRITON_INTERPRET=1 python -m pytest tests -m triton`` runs the Triton kernels on CPU tensors
   through Triton's interpreter (tiny shapes only); tests that use the Triton backend carry the
   ``triton`` marker.
+* The ``kernel_pipeline`` fixture gives each whole kernel pipeline that can run here and routes
+  the modules through it: on a GPU the ``triton`` and ``cuda`` backends; on the CPU, under
+  ``TRITON_INTERPRET=1``, the Triton one and ``cuda-emulated``, the CUDA backend's C++ kernels
+  through their CPU emulation (``tests/cuda_emulation``) with the Triton small kernels
+  interpreted.
 """
 
+import contextlib
 import os
+import shutil
+from typing import NamedTuple
 
 import pytest
 import torch
 
+from cbam_kernels import backend
 from cbam_kernels.backend import ENV_VAR, available_backends
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -50,3 +59,46 @@ def device_backend(request, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class KernelPipeline(NamedTuple):
+    """A kernel pipeline under test: its name and ``pipeline_kernels.KernelPipeline``."""
+
+    name: str
+    pipeline: object
+
+    @property
+    def param_grads_launches(self) -> int:
+        """Launches the parameter gradients add to a backward (none when they ride in the
+        grad-input pass)."""
+        return 0 if self.pipeline.fused_param_grads else 1
+
+
+def kernel_pipeline_names():
+    """The kernel pipelines that can run here, as pytest params (marked ``triton``)."""
+    if INTERPRET:
+        names = ["triton"] + (["cuda-emulated"] if shutil.which("c++") else [])
+    elif torch.cuda.is_available():
+        names = [b for b in ("triton", "cuda") if available_backends()[b] == "available"]
+    else:
+        names = []
+    return [pytest.param(n, marks=pytest.mark.triton) for n in names]
+
+
+@pytest.fixture(params=kernel_pipeline_names())
+def kernel_pipeline(request, monkeypatch):
+    """A :class:`KernelPipeline` that the fused modules run on meanwhile (the backend choice
+    is patched to it), with the emulation's memory checks on for ``cuda-emulated``."""
+    name = request.param
+    with contextlib.ExitStack() as stack:
+        if name == "cuda-emulated":
+            import cuda_emulation
+            from cbam_kernels.pipeline_kernels import KernelPipeline as Pipeline
+            stack.enter_context(cuda_emulation.memory_checks())
+            pipeline = Pipeline(cuda_emulation.passes)
+            monkeypatch.setattr(backend, "backend_for", lambda x: "cuda")
+            monkeypatch.setattr(backend, "pipeline_for", lambda x: pipeline)
+        else:
+            monkeypatch.setenv(ENV_VAR, name)
+            pipeline = backend._pipeline(name)
+        yield KernelPipeline(name, pipeline)

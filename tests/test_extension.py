@@ -43,13 +43,14 @@ if GPU:
 
 PASSES = ("pool_hw", "channel_pool", "apply_gates", "grad_spatial", "grad_channel", "grad_input")
 SCHEMAS = {
-    "pool_hw": "pool_hw(Tensor x, bool with_max) -> (Tensor, Tensor, Tensor)",
-    "channel_pool": "channel_pool(Tensor x, Tensor? ca, bool max_first) -> (Tensor, Tensor)",
+    "pool_hw": "pool_hw(Tensor x, bool with_max) -> (Tensor, Tensor?, Tensor?)",
+    "channel_pool": "channel_pool(Tensor x, Tensor? ca) -> (Tensor, Tensor?, Tensor?)",
     "apply_gates": "apply_gates(Tensor x, Tensor? ca, Tensor? sa, Tensor? residual=None) "
                    "-> Tensor",
-    "grad_spatial": "grad_spatial(Tensor gy, Tensor x, Tensor? ca) -> Tensor",
+    "grad_spatial": "grad_spatial(Tensor gy, Tensor x, Tensor? ca, Tensor? out=None) "
+                    "-> (Tensor, Tensor?)",
     "grad_channel": "grad_channel(Tensor gy, Tensor x, Tensor? sa, Tensor? gp, Tensor? cstar, "
-                    "bool max_first) -> Tensor",
+                    "bool max_first, Tensor? out=None) -> (Tensor, Tensor?)",
     "grad_input": "grad_input(Tensor gy, Tensor x, Tensor? ca, Tensor? sa, Tensor? gp, "
                   "Tensor? cstar, bool max_first, Tensor? ga, Tensor? gm, Tensor? pstar) "
                   "-> Tensor",
@@ -89,12 +90,17 @@ def test_cpu_tensors_are_refused():
         torch.ops.cbam_kernels_cuda.pool_hw(torch.randn(1, 2, 3, 3), True)
 
 
-@needs_ext
-def test_passes_cuda_has_the_spec_signatures():
+def test_passes_cuda_has_the_spec_parameters():
+    """The parameters of the specification's passes, but for channel_pool's max_first (the
+    consumer of its partials orders the map) and the epilogue's out of grad_spatial and
+    grad_channel. Importing passes_cuda does not need the extension."""
     from cbam_kernels import passes_cuda
+    changed = {"channel_pool": ["x", "ca"], "grad_spatial": ["gy", "x", "ca", "out"],
+               "grad_channel": ["gy", "x", "sa", "gp", "cstar", "max_first", "out"]}
     for name in PASSES:
-        assert inspect.signature(getattr(passes_cuda, name)) == \
-            inspect.signature(getattr(ref, name)), name
+        parameters = list(inspect.signature(getattr(passes_cuda, name)).parameters)
+        assert parameters == changed.get(name, list(inspect.signature(getattr(ref, name))
+                                                    .parameters)), name
 
 
 # ------------------------------------------------------------------------ backend selection
@@ -148,7 +154,7 @@ def test_bad_backend_name_is_an_error(monkeypatch, value):
 def test_forced_kernel_backend_needs_a_cuda_tensor(monkeypatch, name, dtype):
     monkeypatch.setenv(backend.ENV_VAR, f" {name.upper()} ")
     with pytest.raises(RuntimeError, match=f"{name} kernels need a CUDA tensor .* got a cpu"):
-        backend.passes_for(torch.randn(1, 2, 3, 3, dtype=dtype))
+        backend.pipeline_for(torch.randn(1, 2, 3, 3, dtype=dtype))
 
 
 def test_cuda_backend_without_gpu_is_an_error(monkeypatch):
@@ -167,8 +173,12 @@ def test_cpu_and_float64_take_torch(monkeypatch, requested):
     assert backend._choose(requested, torch.device("cuda", 0), torch.float64)[0] == "torch"
 
 
-def test_auto_takes_the_first_available_of_the_table(monkeypatch):
-    """auto follows AUTO_ORDER (fastest measured first), skipping unavailable backends."""
+def test_auto_takes_the_first_available_of_the_table(monkeypatch, request):
+    """auto follows AUTO_ORDER (fastest measured first), skipping unavailable backends. The
+    choices are cached, so the cache is cleared before, at each change of availability and
+    after."""
+    backend._choose_cached.cache_clear()
+    request.addfinalizer(backend._choose_cached.cache_clear)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     state = {"cuda": "", "triton": ""}
     monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda device=None: state["cuda"])
@@ -178,9 +188,11 @@ def test_auto_takes_the_first_available_of_the_table(monkeypatch):
     monkeypatch.setitem(backend.AUTO_ORDER, (9, 0), ("cuda", "triton"))
     assert backend._choose("auto", gpu, torch.bfloat16)[0] == "cuda"
     state["cuda"] = "no kernel"
+    backend._choose_cached.cache_clear()
     name, why = backend._choose("auto", gpu, torch.float32)
     assert name == "triton" and "cuda unavailable: no kernel" in why
     state["triton"] = "no triton"
+    backend._choose_cached.cache_clear()
     assert backend._choose("auto", gpu, torch.float32)[0] == "torch"
 
 
@@ -225,6 +237,8 @@ def test_bad_arguments_are_named():
         cu.apply_gates(x, None, None, x[:, :3])
     with pytest.raises(RuntimeError, match="gp needs cstar"):
         cu.grad_channel(x, x, None, torch.rand(2, 2, 3, 3, device=DEVICE), None, True)
+    with pytest.raises(RuntimeError, match="out is on cpu"):
+        cu.grad_spatial(x, x, None, x.cpu())
 
 
 # -------------------------------------------------------------- whole ops on the CUDA backend
@@ -235,13 +249,31 @@ def _cbam(channels, dtype):
     return cbam_kernels.CBAM(channels, reduction=4).to(DEVICE, dtype).train()
 
 
-def _every_pass(passes, x, gy, s):
-    """The results of the six passes of the module ``passes`` on x and gy, with the CBAM small
-    inputs ``s``."""
-    return [*passes.pool_hw(x, True), *passes.channel_pool(x, s["ca"], True),
-            passes.apply_gates(x, s["ca"], s["sa"]), passes.grad_spatial(gy, x, s["ca"]),
-            passes.grad_channel(*grad_channel_args(gy, x, s, True)),
-            passes.grad_input(*grad_input_args(gy, x, s, True))]
+def _every_pass(x, gy, s):
+    """Every tensor that the six CUDA passes return for x and gy (the epilogue's out: relu(gy)),
+    with the CBAM small inputs ``s``; the reductions' partials as they come."""
+    out = torch.relu(gy)
+    results = [*cu.pool_hw(x, True), *cu.channel_pool(x, s["ca"]),
+               cu.apply_gates(x, s["ca"], s["sa"]), *cu.grad_spatial(gy, x, s["ca"], out)[0],
+               *cu.grad_channel(*grad_channel_args(gy, x, s, True), out)[0],
+               cu.grad_input(*grad_input_args(gy, x, s, True))]
+    return [t for t in results if t is not None]
+
+
+def _finished_passes(x, gy, s):
+    """The six CUDA passes on x and gy (CBAM's small inputs ``s``), reductions combined, and the
+    same results from the specification: two lists of tensors."""
+    total = ref.combine_partials
+    p, cstar = ref.channel_pool(x, s["ca"], True)
+    got = [*total(cu.pool_hw(x, True)), *total(cu.channel_pool(x, s["ca"])),
+           cu.apply_gates(x, s["ca"], s["sa"]), total(cu.grad_spatial(gy, x, s["ca"])[0])[0],
+           total(cu.grad_channel(*grad_channel_args(gy, x, s, True))[0])[0],
+           cu.grad_input(*grad_input_args(gy, x, s, True))]
+    expected = [*ref.pool_hw(x, True), p[:, 1].flatten(1), p[:, 0].flatten(1), cstar.flatten(1),
+                ref.apply_gates(x, s["ca"], s["sa"]), ref.grad_spatial(gy, x, s["ca"]).flatten(1),
+                ref.grad_channel(*grad_channel_args(gy, x, s, True)),
+                ref.grad_input(*grad_input_args(gy, x, s, True))]
+    return got, expected
 
 
 def _grads(module, x, gy):
@@ -260,7 +292,7 @@ def test_passes_are_deterministic(layout):
     x = rand_full(shape, torch.float16, layout)
     gy = rand_full(shape, torch.float16, layout, seed=2)
     s = rand_small(shape, GATES["cbam"])
-    runs = [_every_pass(cu, x, gy, s) for _ in range(3)]
+    runs = [_every_pass(x, gy, s) for _ in range(3)]
     for again in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], again))
 
@@ -329,7 +361,7 @@ def test_non_default_stream():
         s = rand_small(shape, GATES["cbam"])
         torch.cuda._sleep(100_000_000)
         x.mul_(2)
-        got, expected = _every_pass(cu, x, gy, s), _every_pass(ref, x, gy, s)
+        got, expected = _finished_passes(x, gy, s)
     side.synchronize()
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=2.0**-10, atol=1e-4)
@@ -351,21 +383,21 @@ def test_more_than_2_pow_31_elements(layout):
     x[0, c - 1, h - 1, w - 1] = 2    # the last element in both layouts
     x[0, c - 1, 0, 0] = -1
     x[0, 0, h - 1, w - 1] = -1
-    avg, mx, arg = cu.pool_hw(x, True)
+    avg, mx, arg = ref.combine_partials(cu.pool_hw(x, True))
     assert avg[0, c - 1].item() == pytest.approx(1 / hw)
     assert avg[0, 0].item() == pytest.approx(-1 / hw)
     assert avg[0, 1:-1].abs().max().item() == 0
     assert mx[0, c - 1].item() == 2 and arg[0, c - 1].item() == hw - 1
     assert mx[0, 0].item() == 0 and arg[0, 0].item() == 0
-    p, cstar = cu.channel_pool(x, None, True)
-    assert p[0, 0, h - 1, w - 1].item() == 2 and cstar[0, h - 1, w - 1].item() == c - 1
-    assert p[0, 1, h - 1, w - 1].item() == pytest.approx(1 / c)
-    assert p[0, 1, 0, 0].item() == pytest.approx(-1 / c) and cstar[0, 0, 0].item() == 0
+    mean, cmax, cstar = ref.combine_partials(cu.channel_pool(x, None))
+    assert cmax[0, hw - 1].item() == 2 and cstar[0, hw - 1].item() == c - 1
+    assert mean[0, hw - 1].item() == pytest.approx(1 / c)
+    assert mean[0, 0].item() == pytest.approx(-1 / c) and cstar[0, 0].item() == 0
     gy = torch.ones_like(x)
-    gsa = cu.grad_spatial(gy, x, None)
-    assert gsa[0, h - 1, w - 1].item() == 1 and gsa[0, 0, 0].item() == -1
+    gsa = ref.combine_partials(cu.grad_spatial(gy, x, None)[0])[0]
+    assert gsa[0, hw - 1].item() == 1 and gsa[0, 0].item() == -1
     assert gsa.abs().sum().item() == 2
-    gca = cu.grad_channel(gy, x, None, None, None, True)
+    gca = ref.combine_partials(cu.grad_channel(gy, x, None, None, None, True)[0])[0]
     assert gca[0, c - 1].item() == 1 and gca[0, 0].item() == -1 and gca.abs().sum().item() == 2
     del gy
     ca = torch.full((n, c), 0.5, device=DEVICE)

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import cbam_kernels
-from cbam_kernels import CBAM, SE, backend, pipeline_torch
+from cbam_kernels import CBAM, SE, pipeline_torch
 from cbam_kernels.gate_math import BatchNormState, GateConfig, GateParams
 from cbam_kernels.gate_op import _pack
-from conftest import INTERPRET
 from gate_testing import EAGER_FACTOR, TOL_FLOOR, distinct_max_input, rel_err
 from pass_testing import DEVICE, to_layout
 
@@ -112,18 +111,18 @@ def test_plain_path_matches_hand_written_backward():
 
 # ------------------------------------------------------------- kernel pipelines vs the spec
 
-def kernel_backends():
-    """The kernel pipelines that can run here (Triton through its interpreter on the CPU)."""
-    names = ["triton"] if INTERPRET else []
-    if torch.cuda.is_available() and not INTERPRET:
-        names = [b for b in ("triton", "cuda") if backend.available_backends()[b] == "available"]
-    return [pytest.param(b, marks=pytest.mark.triton if b == "triton" else ()) for b in names]
+# (N, C, H, W): odd H*W, C not a multiple of anything, N=1, 1x1 maps; the last two make
+# pool_hw and channel_pool split their reductions (S > 1) on every kernel backend.
+PIPELINE_SHAPES = [(2, 5, 3, 3), (24, 3, 1, 1), (2, 33, 9, 11), (1, 3, 32, 65), (2, 1040, 3, 3)]
 
 
-# (N, C, H, W): odd H*W, C not a multiple of anything, N=1, 1x1 maps; the last two split
-# their reductions over C (channel_pool, grad_spatial) or H*W (pool_hw, grad_channel in
-# channels_last).
-PIPELINE_SHAPES = [(2, 5, 3, 3), (1, 13, 4, 6), (24, 3, 1, 1), (2, 33, 9, 11), (1, 70, 12, 13)]
+def ill_conditioned(shape, batch_stats):
+    """Training-mode BatchNorm cases too ill-conditioned for a float32 comparison (float64
+    gradcheck covers them): fewer than 8 values, or 1x1 maps, where BatchNorm makes the conv
+    output's gradient sum to zero over the batch, so the conv weight gradient
+    sum_n p_n * gu_n cancels to a tiny fraction of its terms."""
+    n, _, h, w = shape
+    return batch_stats and (n * h * w < 8 or h * w == 1)
 
 
 def run_spec(x, res, gy, params, cfg, bn, dtype=None):
@@ -170,14 +169,16 @@ def check_against_spec(got, truth, specs, dtypes):
     """Each result of the kernels within EAGER_FACTOR times the specification's own error (at
     the kernels' precision; the largest over ``specs``, runs whose summation orders differ) of
     the float64 truth, or within TOL_FLOOR of its dtype (the module tests' rule,
-    gate_testing); indices equal; dtypes as ``dtypes`` says (float32 for the rest)."""
+    gate_testing); arg-max indices equal to the specification's at the kernels' precision
+    (float64 may order near-ties differently); dtypes as ``dtypes`` says (float32 for the
+    rest)."""
     assert got.keys() == truth.keys(), (sorted(got), sorted(truth))
     for name, value in got.items():
         want = truth[name]
         if value is None:
             assert want is None, name
-        elif not value.is_floating_point():
-            assert torch.equal(value.long().cpu(), want.long().cpu()), name
+        elif not value.is_floating_point():  # arg-maxes: of the same rounded values
+            assert torch.equal(value.long().cpu(), specs[0][name].long().cpu()), name
         else:
             assert value.dtype == dtypes.get(name, torch.float32), name
             want = _grouped(truth, name)
@@ -187,19 +188,18 @@ def check_against_spec(got, truth, specs, dtypes):
             assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g}"
 
 
-@pytest.mark.parametrize("kernel_backend", kernel_backends())
 @pytest.mark.parametrize("shape", PIPELINE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("gates,pools", GATE_CONFIGS[:1] + GATE_CONFIGS[3:], ids=str)
-def test_kernel_pipeline_matches_spec(kernel_backend, shape, dtype, layout, gates, pools):
+def test_kernel_pipeline_matches_spec(kernel_pipeline, shape, dtype, layout, gates, pools):
     """Every kernel of a pipeline against the specification on the same (rounded) inputs: y,
     every saved tensor, the running statistics after the step, every gradient (residual
     epilogue), in training and in eval; full-size results in x's dtype and empty_like(x)'s
     strides, parameter gradients in their parameter's."""
-    pipeline = backend._pipeline(kernel_backend)
+    pipeline = kernel_pipeline.pipeline
     n, c, h, w = shape
-    t = gate_inputs(n, c, h, w, r=max(1, c // 4), k=5, dtype=dtype, device=DEVICE,
+    t = gate_inputs(n, c, h, w, r=max(1, c // 16), k=5, dtype=dtype, device=DEVICE,
                     param_dtype=torch.float32)
     x = to_layout(t["x"].detach(), layout)
     res = to_layout(torch.randn(shape, device=DEVICE).to(dtype), layout)
@@ -207,8 +207,8 @@ def test_kernel_pipeline_matches_spec(kernel_backend, shape, dtype, layout, gate
     params = params_of({k: v.detach() for k, v in t.items()}, gates)
     cfg = GateConfig(*pools, "relu", "sigmoid", gates != "spatial" or c % 2 == 0)
     for batch_stats in (True, False):
-        if batch_stats and n * h * w < 8:
-            continue  # BatchNorm over a handful of values: see test_gradcheck_tiny_batchnorm
+        if ill_conditioned(shape, batch_stats):
+            continue
         mean, var = running_stats(torch.float32, DEVICE)
         bn = BatchNormState(mean, var, torch.tensor(3, device=DEVICE), 1e-5, 0.1, batch_stats)
         truth = run_spec(x, res, gy, params, cfg, bn, F64)
@@ -224,22 +224,25 @@ def test_kernel_pipeline_matches_spec(kernel_backend, shape, dtype, layout, gate
             assert (g is None) == (p is None) and (p is None or g.stride() == p.stride())
 
 
-@pytest.mark.parametrize("kernel_backend", kernel_backends())
-def test_kernel_pipeline_splits_its_reductions(kernel_backend):
-    """The last two PIPELINE_SHAPES split their reductions (partials with S > 1), so the
-    comparisons above cover the small kernels' finishing of split partials."""
-    passes = backend._pipeline(kernel_backend).passes
-    x = torch.randn(PIPELINE_SHAPES[-1], device=DEVICE)
-    assert passes.channel_pool(x, None).sum.shape[0] > 1
-    assert passes.pool_hw(to_layout(x, "cl"), True).sum.shape[0] > 1
+def test_kernel_pipeline_splits_its_reductions(kernel_pipeline):
+    """Some PIPELINE_SHAPES split pool_hw and some channel_pool (partials with S > 1) on this
+    backend, so the comparisons above cover the small kernels' finishing of split partials."""
+    passes = kernel_pipeline.pipeline.passes
+    splits = {"pool_hw": 1, "channel_pool": 1}
+    for shape in PIPELINE_SHAPES:
+        for layout in ("nchw", "cl"):
+            x = to_layout(torch.randn(shape, device=DEVICE), layout)
+            splits["pool_hw"] = max(splits["pool_hw"], passes.pool_hw(x, True).sum.shape[0])
+            splits["channel_pool"] = max(splits["channel_pool"],
+                                         passes.channel_pool(x, None).sum.shape[0])
+    assert min(splits.values()) > 1, splits
 
 
-@pytest.mark.parametrize("kernel_backend", kernel_backends())
-def test_kernel_pipeline_low_precision_and_odd_parameters(kernel_backend):
+def test_kernel_pipeline_low_precision_and_odd_parameters(kernel_pipeline):
     """float16 parameters and running statistics (read and written in their dtype), a
     channels_last conv weight (its gradient with the same strides), no biases, cumulative
     BatchNorm momentum (num_batches_tracked counted in-kernel)."""
-    pipeline = backend._pipeline(kernel_backend)
+    pipeline = kernel_pipeline.pipeline
     shape = (2, 12, 5, 6)
     t = {k: v.detach() for k, v in gate_inputs(*shape, r=4, k=3, dtype=torch.float16,
                                                 device=DEVICE).items()}
@@ -313,13 +316,11 @@ def test_public_api():
     assert {"CBAM", "ChannelGate", "SpatialGate", "SE"} <= set(cbam_kernels.__all__)
 
 
-@pytest.mark.parametrize("kernel_backend", kernel_backends())
 @pytest.mark.parametrize("module", ["cbam", "se"])
-def test_autograd_saves_only_x_full_size(kernel_backend, module, monkeypatch):
+def test_autograd_saves_only_x_full_size(kernel_pipeline, module):
     """On a kernel backend, everything autograd keeps besides x is a per-(n, c) or
     per-(n, h, w) tensor (with the residual epilogue, also the block output, which the next
     layer keeps anyway)."""
-    monkeypatch.setenv(backend.ENV_VAR, kernel_backend)
     gate = (CBAM(16, 4) if module == "cbam" else SE(16, 4)).to(DEVICE)
     x = torch.randn(2, 16, 6, 5, device=DEVICE, requires_grad=True)
     n, c, h, w = x.shape

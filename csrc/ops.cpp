@@ -1,0 +1,311 @@
+// The torch ops of the six passes: they check their arguments, allocate the results and call the
+// launchers of passes.cu on the current stream of x's device. The math and conventions are those
+// of cbam_kernels/passes_torch.py; the Python side is cbam_kernels/passes_cuda.py. The ops check
+// that all their tensors are on x's device; the library they are registered in picks which
+// device that is (see ops.h).
+#include "ops.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "passes.h"
+
+namespace cbam {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+// A reduction's partials: sum, max and arg (S, N, K); max and arg absent without a max.
+using PartialsResult = std::tuple<Tensor, OptTensor, OptTensor>;
+
+DType dtype_of(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat;
+    default:
+      TORCH_CHECK(false, "cbam_kernels_cuda: x must be float16, bfloat16 or float32, got ",
+                  x.scalar_type());
+  }
+}
+
+// Strides of a 4-D tensor seen as (N, C, H*W), 0 for a dimension of size 1; nullopt when H and
+// W do not merge into one strided dimension.
+std::optional<Out> view3(const Tensor& t) {
+  auto st = [&](int d) { return t.size(d) == 1 ? int64_t(0) : t.stride(d); };
+  const int64_t sH = st(2), sW = st(3);
+  int64_t sHW;
+  if (t.size(2) == 1)
+    sHW = sW;
+  else if (t.size(3) == 1 || sH == sW * t.size(3))
+    sHW = t.size(3) == 1 ? sH : sW;
+  else
+    return std::nullopt;
+  return Out{t.data_ptr(), st(0), st(1), sHW};
+}
+
+// A full-size input: itself when its H and W merge, else one contiguous copy.
+Tensor mergeable(const Tensor& t) { return view3(t) ? t : t.contiguous(); }
+
+In in(const Tensor& t) {
+  const Out v = *view3(t);
+  return {v.data, v.sN, v.sC, v.sHW};
+}
+
+Shape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.size(2) * x.size(3)}; }
+
+void check_x(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "cbam_kernels_cuda: x must be 4-D (N, C, H, W), got ", x.dim(),
+              "-D");
+  dtype_of(x);
+  TORCH_CHECK(x.size(1) < INT32_MAX && x.size(2) * x.size(3) < INT32_MAX,
+              "cbam_kernels_cuda: C and H*W must be below 2**31 (int32 arg-max), got ",
+              x.sizes());
+}
+
+// A second full-size input (gy, residual, out): x's shape, dtype and device, any layout.
+void check_like_x(const Tensor& t, const Tensor& x, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes(), "cbam_kernels_cuda: ", name, " has shape ", t.sizes(),
+              ", x has ", x.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "cbam_kernels_cuda: ", name, " is ",
+              t.scalar_type(), ", x is ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "cbam_kernels_cuda: ", name, " is on ", t.device(),
+              ", x on ", x.device());
+}
+
+// A small tensor of shape `shape` and dtype `dtype` on x's device, made contiguous; undefined
+// when absent.
+Tensor small(const OptTensor& t, const Tensor& x, at::IntArrayRef shape, at::ScalarType dtype,
+             const char* name) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  TORCH_CHECK(t->sizes() == shape, "cbam_kernels_cuda: ", name, " must have shape ", shape,
+              ", got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == dtype, "cbam_kernels_cuda: ", name, " must be ", dtype,
+              ", got ", t->scalar_type());
+  TORCH_CHECK(t->device() == x.device(), "cbam_kernels_cuda: ", name, " is on ", t->device(),
+              ", x on ", x.device());
+  return t->contiguous();
+}
+
+template <typename U>
+const U* ptr(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<U>() : nullptr;
+}
+
+template <typename U>
+U* ptr(const OptTensor& t) {
+  return t ? t->data_ptr<U>() : nullptr;
+}
+
+// The small inputs besides ca, checked and contiguous; they must outlive the launches.
+struct SmallInputs {
+  Tensor sa, gp, cstar, ga, gm, pstar;
+  SmallInputs(const Tensor& x, const OptTensor& sa_, const OptTensor& gp_,
+              const OptTensor& cstar_, const OptTensor& ga_ = std::nullopt,
+              const OptTensor& gm_ = std::nullopt, const OptTensor& pstar_ = std::nullopt) {
+    const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+    sa = small(sa_, x, {N, H, W}, at::kFloat, "sa");
+    gp = small(gp_, x, {N, 2, H, W}, at::kFloat, "gp");
+    cstar = small(cstar_, x, {N, H, W}, at::kInt, "cstar");
+    ga = small(ga_, x, {N, C}, at::kFloat, "ga");
+    gm = small(gm_, x, {N, C}, at::kFloat, "gm");
+    pstar = small(pstar_, x, {N, C}, at::kInt, "pstar");
+    TORCH_CHECK(!gp.defined() || cstar.defined(), "cbam_kernels_cuda: gp needs cstar");
+    TORCH_CHECK(!gm.defined() || pstar.defined(), "cbam_kernels_cuda: gm needs pstar");
+  }
+  void fill(Small& f) const {
+    f.sa = ptr<float>(sa);
+    f.gp = ptr<float>(gp);
+    f.cstar = ptr<int32_t>(cstar);
+    f.ga = ptr<float>(ga);
+    f.gm = ptr<float>(gm);
+    f.pstar = ptr<int32_t>(pstar);
+  }
+};
+
+Tensor channel_gate(const OptTensor& ca, const Tensor& x) {
+  return small(ca, x, {x.size(0), x.size(1)}, at::kFloat, "ca");
+}
+
+// The (S, N, K) partials of a reduction of x over H*W (over_hw) or over C: the sums, and with
+// with_max the max and arg. Over an empty axis (S = 1) the sums are final: 0, or NaN for a mean
+// (as torch's mean of nothing).
+PartialsResult partials_for(const Tensor& x, bool over_hw, bool with_max, bool mean) {
+  const Shape s = shape_of(x);
+  const int64_t S = splits(s, in(x), over_hw), K = over_hw ? s.C : s.HW;
+  const auto f32 = x.options().dtype(at::kFloat);
+  const bool nothing = (over_hw ? s.HW : s.C) == 0;
+  const std::vector<int64_t> shape{S, s.N, K};
+  Tensor sum = nothing ? at::full(shape, mean ? NAN : 0.f, f32) : at::empty(shape, f32);
+  if (!with_max) return {sum, std::nullopt, std::nullopt};
+  return {sum, at::empty(shape, f32), at::empty(shape, x.options().dtype(at::kInt))};
+}
+
+Partials sink(const PartialsResult& r) {
+  return {std::get<0>(r).data_ptr<float>(), ptr<float>(std::get<1>(r)),
+          ptr<int32_t>(std::get<2>(r))};
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// A full-size output laid out like torch.empty_like(x), and the tensor the kernel writes: the
+// output itself, or a contiguous buffer copied into it (finish) when its H and W do not merge.
+struct FullOutput {
+  Tensor out, dst;
+  explicit FullOutput(const Tensor& x) : out(at::empty_like(x)) {
+    dst = view3(out) ? out : at::empty_like(out, at::MemoryFormat::Contiguous);
+  }
+  Tensor finish() const {
+    if (!dst.is_same(out)) out.copy_(dst);
+    return out;
+  }
+};
+
+// The backward of the epilogue relu(... + residual) when its output `out` is given: out itself
+// (checked, mergeable) and gres, the masked gy the reduction writes.
+struct Epilogue {
+  Tensor out;
+  std::optional<FullOutput> gres;
+  Epilogue(const OptTensor& out_, const Tensor& x_) {
+    if (!out_.has_value() || !out_->defined()) return;
+    check_like_x(*out_, x_, "out");
+    out = mergeable(*out_);
+    gres.emplace(x_);
+  }
+  EpilogueGrad view() const {
+    if (!gres) return {{nullptr, 0, 0, 0}, {nullptr, 0, 0, 0}};
+    return {in(out), *view3(gres->dst)};
+  }
+  OptTensor result() const { return gres ? OptTensor(gres->finish()) : std::nullopt; }
+};
+
+// The ops; each calls the launcher of the same name in namespace cbam.
+namespace op {
+
+PartialsResult pool_hw(const Tensor& x_, bool with_max) {
+  check_x(x_);
+  TORCH_CHECK(!with_max || x_.size(2) * x_.size(3) > 0 || x_.size(0) * x_.size(1) == 0,
+              "cbam_kernels_cuda: pool_hw: a max over an empty H*W, x has shape ", x_.sizes());
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const Tensor x = mergeable(x_);
+  PartialsResult out = partials_for(x, true, with_max, true);
+  cbam::pool_hw(dtype_of(x), shape_of(x), in(x), sink(out), stream());
+  return out;
+}
+
+PartialsResult channel_pool(const Tensor& x_, const OptTensor& ca_) {
+  check_x(x_);
+  TORCH_CHECK(x_.size(1) > 0 || x_.size(0) * x_.size(2) * x_.size(3) == 0,
+              "cbam_kernels_cuda: channel_pool: a max over an empty C, x has shape ",
+              x_.sizes());
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const Tensor x = mergeable(x_), ca = channel_gate(ca_, x);
+  PartialsResult out = partials_for(x, false, true, true);
+  Small f;
+  f.ca = ptr<float>(ca);
+  cbam::channel_pool(dtype_of(x), shape_of(x), in(x), f, sink(out), stream());
+  return out;
+}
+
+Tensor apply_gates(const Tensor& x_, const OptTensor& ca_, const OptTensor& sa_,
+                   const OptTensor& residual_) {
+  check_x(x_);
+  const bool with_residual = residual_.has_value() && residual_->defined();
+  if (with_residual) check_like_x(*residual_, x_, "residual");
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const Tensor x = mergeable(x_), ca = channel_gate(ca_, x);
+  const Tensor residual = with_residual ? mergeable(*residual_) : Tensor();
+  const SmallInputs g(x, sa_, std::nullopt, std::nullopt);
+  Small f;
+  g.fill(f);
+  f.ca = ptr<float>(ca);
+  const FullOutput y(x_);
+  const In res = with_residual ? in(residual) : In{nullptr, 0, 0, 0};
+  cbam::apply_gates(dtype_of(x), shape_of(x), in(x), f, res, *view3(y.dst), stream());
+  return y.finish();
+}
+
+std::tuple<Tensor, OptTensor> grad_spatial(const Tensor& gy_, const Tensor& x_,
+                                           const OptTensor& ca_, const OptTensor& out_) {
+  check_x(x_);
+  check_like_x(gy_, x_, "gy");
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const Tensor x = mergeable(x_), gy = mergeable(gy_), ca = channel_gate(ca_, x);
+  const Epilogue e(out_, x_);
+  const Tensor sum = std::get<0>(partials_for(x, false, false, false));
+  Small f;
+  f.ca = ptr<float>(ca);
+  cbam::grad_spatial(dtype_of(x), shape_of(x), in(gy), in(x), f, e.view(),
+                     sum.data_ptr<float>(), stream());
+  return {sum, e.result()};
+}
+
+std::tuple<Tensor, OptTensor> grad_channel(const Tensor& gy_, const Tensor& x_,
+                                           const OptTensor& sa_, const OptTensor& gp_,
+                                           const OptTensor& cstar_, bool max_first,
+                                           const OptTensor& out_) {
+  check_x(x_);
+  check_like_x(gy_, x_, "gy");
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const Tensor x = mergeable(x_), gy = mergeable(gy_);
+  const SmallInputs g(x, sa_, gp_, cstar_);
+  const Epilogue e(out_, x_);
+  Small f;
+  g.fill(f);
+  f.max_first = max_first;
+  const Tensor sum = std::get<0>(partials_for(x, true, false, false));
+  cbam::grad_channel(dtype_of(x), shape_of(x), in(gy), in(x), f, e.view(),
+                     sum.data_ptr<float>(), stream());
+  return {sum, e.result()};
+}
+
+Tensor grad_input(const Tensor& gy_, const Tensor& x_, const OptTensor& ca_, const OptTensor& sa_,
+                  const OptTensor& gp_, const OptTensor& cstar_, bool max_first,
+                  const OptTensor& ga_, const OptTensor& gm_, const OptTensor& pstar_) {
+  check_x(x_);
+  check_like_x(gy_, x_, "gy");
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const Tensor gy = mergeable(gy_), ca = channel_gate(ca_, x_);  // x itself is not read
+  const SmallInputs g(x_, sa_, gp_, cstar_, ga_, gm_, pstar_);
+  Small f;
+  g.fill(f);
+  f.ca = ptr<float>(ca);
+  f.max_first = max_first;
+  const FullOutput gx(x_);
+  cbam::grad_input(dtype_of(x_), shape_of(x_), in(gy), f, *view3(gx.dst), stream());
+  return gx.finish();
+}
+
+}  // namespace op
+}  // namespace
+
+void define_ops(torch::Library& m) {
+  m.def("pool_hw(Tensor x, bool with_max) -> (Tensor, Tensor?, Tensor?)");
+  m.def("channel_pool(Tensor x, Tensor? ca) -> (Tensor, Tensor?, Tensor?)");
+  m.def("apply_gates(Tensor x, Tensor? ca, Tensor? sa, Tensor? residual=None) -> Tensor");
+  m.def("grad_spatial(Tensor gy, Tensor x, Tensor? ca, Tensor? out=None) -> (Tensor, Tensor?)");
+  m.def("grad_channel(Tensor gy, Tensor x, Tensor? sa, Tensor? gp, Tensor? cstar, "
+        "bool max_first, Tensor? out=None) -> (Tensor, Tensor?)");
+  m.def("grad_input(Tensor gy, Tensor x, Tensor? ca, Tensor? sa, Tensor? gp, Tensor? cstar, "
+        "bool max_first, Tensor? ga, Tensor? gm, Tensor? pstar) -> Tensor");
+}
+
+void impl_ops(torch::Library& m) {
+  m.impl("pool_hw", &op::pool_hw);
+  m.impl("channel_pool", &op::channel_pool);
+  m.impl("apply_gates", &op::apply_gates);
+  m.impl("grad_spatial", &op::grad_spatial);
+  m.impl("grad_channel", &op::grad_channel);
+  m.impl("grad_input", &op::grad_input);
+}
+
+}  // namespace cbam
