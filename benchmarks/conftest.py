@@ -5,8 +5,8 @@ Run it and turn the results into a report::
     pytest benchmarks --benchmark-only --benchmark-json=results.json
     python benchmarks/report.py results.json --out benchmarks/results/
 
-Ops (one file each): CBAM, channel gate, spatial gate, SE; ``test_bench_resnet.py`` times whole
-ResNet-50s. Providers: ``eager`` (the reference modules of ``cbam_kernels.reference``),
+Ops (one file each): CBAM, channel gate, spatial gate, SE; ``test_bench_host.py`` times the host
+work of one call (CBAM and SE on a tiny input); ``test_bench_resnet.py`` times whole ResNet-50s. Providers: ``eager`` (the reference modules of ``cbam_kernels.reference``),
 ``compile`` (``torch.compile(reference, dynamic=False)``), ``triton`` and ``cuda`` (our modules
 forced onto that backend), ``torch`` (ours on the plain-PyTorch backend, the CPU provider).
 
@@ -50,8 +50,8 @@ import torch
 
 from . import report
 from .op_bench import BenchState
-from .suite import (OPTIONS, Settings, SettingsError, env_lookup, model_cases, op_cases,
-                    resolve_settings)
+from .suite import (OPTIONS, Settings, SettingsError, env_lookup, host_cases, model_cases,
+                    op_cases, resolve_settings)
 
 SETTINGS = pytest.StashKey[Settings]()
 STATE = pytest.StashKey[BenchState]()
@@ -90,6 +90,7 @@ def pytest_generate_tests(metafunc):
     """Parametrise ``op_case`` (with the module's ``OP``) and ``model_case`` from the settings."""
     settings = settings_for(metafunc.config)
     makers = {"op_case": lambda: op_cases(metafunc.module.OP, settings),
+              "host_case": lambda: host_cases(settings),
               "model_case": lambda: model_cases(settings)}
     for name, make in makers.items():
         if name not in metafunc.fixturenames:
@@ -99,7 +100,8 @@ def pytest_generate_tests(metafunc):
                       "run `python benchmarks/main.py` or pass --bench-device=cpu")
             params = [pytest.param(None, id="no-cuda", marks=pytest.mark.skip(reason=reason))]
         else:
-            params = [pytest.param(case, id=case.id) for case in make()]
+            params = [pytest.param(case, id=case.id if name != "host_case" else
+                                   f"{case.op}-{case.id}") for case in make()]
         metafunc.parametrize(name, params)
 
 

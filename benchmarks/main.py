@@ -6,11 +6,14 @@ On a CUDA machine: CBAM and SE at the four ResNet-50 stage shapes, batch 64, fp1
 channels_last, forward and forward+backward, every provider (eager reference, torch.compile,
 Triton, CUDA when built). Without one: the CPU providers (eager reference, ours on the torch
 backend) on small shapes, all four ops, on one thread (steadier on small, shared machines), then
-a line saying that GPU numbers need a GPU.
+a line saying that GPU numbers need a GPU. Both: the host time per call of CBAM and SE on a tiny
+input (``test_bench_host.py``) and the launch table (``launch_table.py``; without a GPU the
+Triton kernels run through Triton's interpreter to be counted).
 The JSON, results.md and the charts go to DIR (default .benchmarks/main).
 """
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,8 +25,9 @@ import torch  # noqa: E402
 
 from benchmarks import report  # noqa: E402
 
-OP_FILES = ("cbam", "se", "channel_gate", "spatial_gate")
+OP_FILES = ("cbam", "se", "channel_gate", "spatial_gate", "host")
 GPU_SUBSET = [*(str(REPO / "benchmarks" / f"test_bench_{op}.py") for op in OP_FILES[:2]),
+              str(REPO / "benchmarks" / "test_bench_host.py"),
               "--bench-formats=nhwc", "--bench-passes=forward,fwd+bwd"]
 CPU_SUBSET = [*(str(REPO / "benchmarks" / f"test_bench_{op}.py") for op in OP_FILES),
               "--bench-device=cpu"]
@@ -50,6 +54,13 @@ def main(argv=None) -> int:
     print(report.header(results))
     print()
     print(report.op_tables(results.ops))
+    if results.host:
+        print("\n### host time per call\n")
+        print(report.host_table(results.host))
+    launches = subprocess.run([sys.executable, str(REPO / "benchmarks" / "launch_table.py")],
+                              capture_output=True, text=True)
+    print("\n### launches per call\n")
+    print(launches.stdout if launches.returncode == 0 else launches.stderr[-2000:])
     print(f"\nfull report: {report.write_report(json_path, args.out)}")
     if not gpu:
         print("These are CPU numbers of the CPU providers; GPU numbers (Triton, CUDA, "

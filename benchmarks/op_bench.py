@@ -13,7 +13,10 @@
 * ``speedup_vs_eager``, ``speedup_vs_compile``: the baseline's median over this one. A baseline
   deselected with ``-k`` is measured for this; one left out of ``--bench-providers`` is not
   (None), nor one that failed to compile (None, with ``compile_error``);
-* ``peak_mem_bytes`` (forward+backward on CUDA): peak allocation of one call beyond its inputs.
+* ``peak_mem_bytes`` (forward+backward on CUDA): peak allocation of one call beyond its inputs;
+* ``launches``: the kernels one call launches (``launches.py``: Triton launches, ops of the C++
+  extension and ATen ops that run on the device), with ``launch_names``; None for ``compile``
+  (the compiled graph launches its own kernels).
 """
 
 from typing import Callable, Dict, Hashable, List, Optional
@@ -25,6 +28,7 @@ from torch import nn
 from cbam_kernels import available_backends
 
 from . import traffic
+from .launches import Launches, count_launches
 from .suite import BASELINES, OpCase, Settings
 from .timing import (Workload, copy_bandwidth, device_clock, median_seconds,
                      peak_memory_bytes)
@@ -126,11 +130,28 @@ def benchmark_op(benchmark, case: OpCase, state: BenchState) -> None:
         benchmark.pedantic(workload.run, setup=workload.setup, rounds=state.settings.rounds,
                            warmup_rounds=state.settings.warmup_rounds)
         peak = peak_memory_bytes(workload, state.device) if case.pass_name == "fwd+bwd" else None
+        launches = None if case.provider == "compile" else workload_launches(workload)
     if benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
         return
     seconds = benchmark.stats.stats.median
     state.medians[case.key, case.provider] = seconds
     benchmark.extra_info.update(op_metrics(case, seconds, state, peak))
+    benchmark.extra_info.update(launch_info(launches))
+
+
+def workload_launches(workload: Workload) -> Launches:
+    """The launches of one (untimed) call of ``workload``."""
+    args, kwargs = workload.setup()
+    with count_launches() as launches:
+        workload.run(*args, **kwargs)
+    return launches
+
+
+def launch_info(launches: Optional[Launches]) -> Dict[str, object]:
+    """``launches`` and ``launch_names`` for ``extra_info`` (None when not counted)."""
+    if launches is None:
+        return {"launches": None, "launch_names": None}
+    return {"launches": launches.total, "launch_names": launches.names()}
 
 
 def op_metrics(case: OpCase, seconds: float, state: BenchState,

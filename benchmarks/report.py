@@ -5,7 +5,8 @@
 Writes ``results.md``: a header (GPU, torch / Triton / CUDA versions, git commit), the
 performance targets, one table per op (median ms per provider; for the fastest of our providers
 the speedup over eager and over torch.compile, GB/s, % of the copy bandwidth, times the two-pass
-floor), peak memory of forward+backward, and the ResNet-50 table. Charts:
+floor; the launches per call of each provider), the host time per call, peak memory of
+forward+backward, and the ResNet-50 table. Charts:
 ``speedup_<op>_<dtype>.png`` (speedup over eager per shape and provider, a panel per pass and
 format) and
 ``bandwidth_<dtype>.png`` (% of the copy bandwidth, a panel per op and pass). With ``--readme``
@@ -39,7 +40,8 @@ MODEL_OVERHEADS = (("forward", "median_ms"), ("fwd+bwd", "median_ms"),
 OPS_NOTE = ("Median ms per provider; the ratios are those of the fastest of our providers. GB/s "
             "and % copy BW count the op's own minimum passes over x (DESIGN.md); × floor is the "
             "time over the two-pass floor (read x + write y at the measured copy bandwidth; 3 and "
-            "5 passes for backward and forward+backward).")
+            "5 passes for backward and forward+backward). Launches: kernels one call launches, per "
+            "provider (benchmarks/launches.py).")
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,9 +71,11 @@ def environment_info() -> Dict[str, str]:
 
 @dataclass
 class Results:
-    """The op and model results of one JSON file (their ``extra_info``) and its metadata."""
+    """The op, host-time and model results of one JSON file (their ``extra_info``) and its
+    metadata."""
 
     ops: List[dict]
+    host: List[dict]
     models: List[dict]
     machine: Dict[str, object]
     datetime: str
@@ -81,7 +85,9 @@ def load(path: Path) -> Results:
     """Read a ``--benchmark-json`` file."""
     data = json.loads(Path(path).read_text())
     infos = [b["extra_info"] for b in data.get("benchmarks", []) if b.get("extra_info")]
-    return Results(ops=[i for i in infos if "op" in i], models=[i for i in infos if "model" in i],
+    return Results(ops=[i for i in infos if "op" in i and i.get("kind") != "host"],
+                   host=[i for i in infos if i.get("kind") == "host"],
+                   models=[i for i in infos if "model" in i],
                    machine=data.get("machine_info", {}), datetime=data.get("datetime", ""))
 
 
@@ -161,7 +167,8 @@ def op_tables(rows: List[dict], heading: str = "###") -> str:
         op_rows = [r for r in rows if r["op"] == op]
         providers = _providers(op_rows)
         head = ["pass", "dtype", "format", "batch", "shape", *(f"{p} ms" for p in providers),
-                "fastest fused", "× eager", "× compile", "GB/s", "% copy BW", "× floor"]
+                "fastest fused", "× eager", "× compile", "GB/s", "% copy BW", "× floor",
+                "launches"]
         body = []
         for config, by_provider in _by_config(op_rows).items():
             best = _fastest_fused(by_provider) or {}
@@ -170,9 +177,30 @@ def op_tables(rows: List[dict], heading: str = "###") -> str:
                          _fmt(best.get("speedup_vs_eager"), ".1f", "×"),
                          _fmt(best.get("speedup_vs_compile"), ".1f", "×"),
                          _fmt(best.get("gbps"), "sig"), _fmt(best.get("pct_copy_bw"), "sig", "%"),
-                         _fmt(best.get("floor_ratio"), "sig", "×")])
+                         _fmt(best.get("floor_ratio"), "sig", "×"), _launches(by_provider)])
         sections.append(f"{heading} {op}\n\n{_table(head, body)}")
     return "\n\n".join(sections)
+
+
+def _launches(by_provider: Dict[str, dict]) -> str:
+    """'eager 18 · torch 16': kernels launched per call, by provider (those counted)."""
+    counted = [(p, by_provider[p].get("launches")) for p in PROVIDERS if p in by_provider]
+    return " · ".join(f"{p} {n}" for p, n in counted if n is not None) or "–"
+
+
+def host_table(rows: List[dict]) -> str:
+    """Host time per call on a tiny input, per op, pass and provider: µs, ours over eager and
+    the launches."""
+    order = {p: i for i, p in enumerate(PROVIDERS)}
+    rows = sorted(rows, key=lambda r: (r["op"], PASS_ORDER.index(r["pass_name"]),
+                                       order[r["provider"]]))
+    body = [[r["op"], r["pass_name"], r["provider"], _fmt(r["us_per_call"], ".1f"),
+             _fmt(r.get("host_vs_eager"), ".2f", "×") if r["provider"] != "eager" else "",
+             _fmt(r.get("launches"), "d")] for r in rows]
+    shape = "x".join(map(str, rows[0]["shape"])) if rows else "?"
+    return (f"Input {shape}, float32, NCHW, on {rows[0]['device'] if rows else '?'}; "
+            "× eager is our host time over the eager reference's (1.0 or less: no more).\n\n"
+            + _table(["op", "pass", "provider", "µs per call", "× eager", "launches"], body))
 
 
 def memory_table(rows: List[dict]) -> str:
@@ -322,6 +350,8 @@ def render(results: Results, charts: List[Path], chart_dir: str, level: int = 1)
     if results.ops:
         parts.append(f"{section} Ops\n\n{OPS_NOTE}\n\n"
                      + op_tables(results.ops, "#" * (level + 2)))
+    if results.host:
+        parts.append(f"{section} Host time per call\n\n" + host_table(results.host))
     memory = memory_table(results.ops)
     if memory:
         parts.append(f"{section} Peak memory, forward+backward (beyond the inputs)\n\n" + memory)

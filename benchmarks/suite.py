@@ -192,6 +192,24 @@ def op_cases(op: str, settings: Settings) -> List[OpCase]:
             for pass_name in settings.passes for provider in settings.providers]
 
 
+#: The host-time benchmark's input (N, C, H, W): so small that a call's time is its host time.
+HOST_SHAPE = (2, 64, 4, 4)
+HOST_OPS = ("cbam", "se")
+#: Calls timed per round of a host-time case.
+HOST_ITERATIONS = 50
+
+
+def host_cases(settings: Settings) -> List[OpCase]:
+    """Host-time cases: CBAM and SE at HOST_SHAPE in float32, NCHW, in the run's passes but
+    backward alone (forward and forward+backward), for every provider of the run but
+    ``compile`` (whose compiled graph hides the module's own host work)."""
+    batch, *shape = HOST_SHAPE
+    return [OpCase(op, provider, pass_name, batch, tuple(shape), "fp32", "nchw",
+                   settings.device)
+            for op in HOST_OPS for pass_name in settings.passes if pass_name != "backward"
+            for provider in settings.providers if provider != "compile"]
+
+
 #: Model variants: name -> (attention, reference modules).
 MODEL_VARIANTS = {
     "plain": (None, False),

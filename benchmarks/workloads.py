@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate, reference
-from cbam_kernels.backend import ENV_VAR
+from cbam_kernels.backend import ENV_VAR, forget_choices
 
 from .suite import BASELINES, OpCase
 from .timing import Workload
@@ -71,6 +71,7 @@ def forced_backend(provider: str) -> Iterator[None]:
         return
     previous = os.environ.get(ENV_VAR)
     os.environ[ENV_VAR] = provider
+    forget_choices()
     try:
         yield
     finally:
@@ -78,6 +79,7 @@ def forced_backend(provider: str) -> Iterator[None]:
             del os.environ[ENV_VAR]
         else:
             os.environ[ENV_VAR] = previous
+        forget_choices()
 
 
 class CompileCache:

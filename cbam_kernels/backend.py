@@ -9,13 +9,15 @@ Backends:
 * ``torch``  -- plain PyTorch (``passes_torch.py``), for any device and dtype.
 
 The two kernel backends take CUDA tensors of dtype float16, bfloat16 or float32.
-``CBAM_KERNELS_BACKEND=auto|cuda|triton|torch`` (read at each call) forces one; forcing a kernel
-backend that is unavailable, or for a tensor it cannot take, is an error. ``auto``, the default,
+``CBAM_KERNELS_BACKEND=auto|cuda|triton|torch`` forces one; forcing a kernel backend that is
+unavailable, or for a tensor it cannot take, is an error. ``auto``, the default,
 gives such tensors the first available backend of the device's row in :data:`AUTO_ORDER`
 (fastest measured first), and PyTorch everything else (CPU tensors, float64).
-:func:`describe_backends` reports all of this for the machine. The choice for a (request,
-device, dtype) is made once and cached; :func:`pipeline_for` gives the pipeline that runs it
-(``pipeline_torch``, or a ``pipeline_kernels.KernelPipeline`` over the backend's passes).
+:func:`describe_backends` reports all of this for the machine. The choice for a device and
+dtype is made at its first call, with the variable as it is then, and cached (a dictionary
+lookup per call): after changing the variable at run time, call :func:`forget_choices`.
+:func:`pipeline_for` gives the pipeline that runs it (``pipeline_torch``, or a
+``pipeline_kernels.KernelPipeline`` over the backend's passes).
 """
 
 import functools
@@ -108,7 +110,7 @@ def _unavailable(name: str, device: torch.device) -> str:
 
 def _choose(name: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, str]:
     """(backend, why) for tensors of ``dtype`` on ``device`` when ``name`` is requested."""
-    return _choose_cached(name, device, dtype, _interpreted())
+    return _choose_cached(name, device, dtype, name == "triton" and _interpreted())
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,9 +145,24 @@ def _choose_cached(name: str, device: torch.device, dtype: torch.dtype,
     return "torch", "; ".join(skipped)
 
 
+_CHOSEN: Dict[Tuple[torch.device, torch.dtype], str] = {}
+
+
+def forget_choices() -> None:
+    """Drop the cached choices, so that the next call chooses again (after what decides them
+    changed: ``CBAM_KERNELS_BACKEND``, the availability of a backend, :data:`AUTO_ORDER`)."""
+    _CHOSEN.clear()
+    _choose_cached.cache_clear()
+
+
 def backend_for(x: torch.Tensor) -> str:
-    """The backend that runs the passes for tensor ``x``: 'cuda', 'triton' or 'torch'."""
-    return backend_name(x.device, x.dtype)
+    """The backend that runs the passes for tensor ``x``: 'cuda', 'triton' or 'torch' (a
+    dictionary lookup per call once the choice for its device and dtype is made)."""
+    key = (x.device, x.dtype)
+    name = _CHOSEN.get(key)
+    if name is None:
+        name = _CHOSEN[key] = backend_name(x.device, x.dtype)
+    return name
 
 
 @torch.compiler.assume_constant_result
@@ -156,7 +173,9 @@ def backend_name(device: torch.device, dtype: torch.dtype) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _pipeline(name: str):
+def pipeline_named(name: str) -> Union["pipeline_torch", "KernelPipeline"]:  # noqa: F821
+    """The pipeline of backend ``name``: the module ``pipeline_torch``, or the
+    ``KernelPipeline`` over the backend's passes (both have ``forward`` and ``backward``)."""
     if name == "torch":
         return pipeline_torch
     from .pipeline_kernels import KernelPipeline
@@ -164,9 +183,8 @@ def _pipeline(name: str):
 
 
 def pipeline_for(x: torch.Tensor) -> Union["pipeline_torch", "KernelPipeline"]:  # noqa: F821
-    """What runs the fused gate for ``x``: the module ``pipeline_torch``, or the
-    ``KernelPipeline`` of the chosen kernel backend (both have ``forward`` and ``backward``)."""
-    return _pipeline(_choose(requested_backend(), x.device, x.dtype)[0])
+    """What runs the fused gate for ``x`` (see :func:`pipeline_named`)."""
+    return pipeline_named(backend_for(x))
 
 
 def available_backends() -> Dict[str, str]:

@@ -48,12 +48,12 @@ class CBAM(nn.Module):
     @property
     def channel_gate(self) -> ChannelGate:
         """The channel gate submodule (``ChannelGate`` or ``channel`` depending on the style)."""
-        return self.ChannelGate if self.style == "official" else self.channel
+        return self._modules["ChannelGate" if self.style == "official" else "channel"]
 
     @property
     def spatial_gate(self) -> Optional[SpatialGate]:
         """The spatial gate submodule, or None with ``no_spatial``."""
-        return self.SpatialGate if self.style == "official" else self.spatial
+        return self._modules.get("SpatialGate" if self.style == "official" else "spatial")
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """x (N, C, H, W) -> CBAM(x), same dtype and memory format.
@@ -62,7 +62,7 @@ class CBAM(nn.Module):
         """
         channel, spatial = self.channel_gate, self.spatial_gate
         params = channel.gate_params()
-        check_input(x, channel.channels, type(self).__name__, params.w1)
+        check_input(x, channel.channels, self, params.w1)
         if spatial is None:
             return apply_attention(x, residual, params, channel.gate_config())
         if not spatial.fusable():

@@ -1,6 +1,6 @@
 """CBAM's channel gate: y = x * sigmoid(MLP(avg_hw(x)) + MLP(max_hw(x)))."""
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
@@ -56,7 +56,6 @@ class ChannelGate(nn.Module):
         if act not in ACTIVATIONS or gate not in GATES:
             raise ValueError(f"act must be one of {ACTIVATIONS} and gate one of {GATES}, got "
                              f"act={act!r}, gate={gate!r}")
-        self.act, self.gate = act, gate
         self.channels = channels
         self.pool_types = tuple(pool_types)
         unknown = [p for p in self.pool_types if p not in POOL_TYPES]
@@ -64,6 +63,8 @@ class ChannelGate(nn.Module):
             raise ValueError(f"pool_types must be a non-empty subset of {POOL_TYPES} without "
                              f"repeats, got {pool_types!r} (lp and lse pooling run only in "
                              "cbam_kernels.reference)")
+        config = GateConfig("avg" in self.pool_types, "max" in self.pool_types, act, gate)
+        self._configs = {True: config, False: config._replace(max_first=False)}
         hidden = hidden_channels or hidden_width(channels, reduction, style)
         bias = style == "official" if bias is None else bias
         if style == "official":
@@ -76,32 +77,45 @@ class ChannelGate(nn.Module):
     @property
     def hidden_channels(self) -> int:
         """The MLP's hidden width R."""
-        return self.mlp[1].out_features if self.style == "official" else self.fc1.out_channels
+        return self.gate_params().w1.shape[0]
 
-    def _layers(self):
-        return (self.mlp[1], self.mlp[3]) if self.style == "official" else (self.fc1, self.fc2)
+    def _layers(self) -> Tuple[nn.Module, nn.Module]:
+        """The MLP's two layers (plain dictionary lookups: this runs on every call)."""
+        if self.style == "official":
+            mlp = self._modules["mlp"]._modules
+            return mlp["1"], mlp["3"]
+        return self._modules["fc1"], self._modules["fc2"]
 
     def gate_params(self) -> GateParams:
-        """The MLP's tensors as :class:`~cbam_kernels.gate_math.GateParams` (w1 (R, C), w2
-        (C, R); the 1x1 convs' weights seen as matrices)."""
+        """The MLP's tensors as :class:`~cbam_kernels.gate_math.GateParams` (the Linear
+        layers' (R, C) and (C, R) weights, or the 1x1 convs' (R, C, 1, 1) and (C, R, 1, 1))."""
         first, second = self._layers()
-        return GateParams(first.weight.flatten(1), first.bias, second.weight.flatten(1),
-                          second.bias)
+        first, second = first._parameters, second._parameters
+        return GateParams(first["weight"], first["bias"], second["weight"], second["bias"])
+
+    @property
+    def act(self) -> str:
+        """The MLP's hidden activation ("relu" or "silu"), fixed at construction."""
+        return self._configs[True].act
+
+    @property
+    def gate(self) -> str:
+        """The gate function ("sigmoid" or "hardsigmoid"), fixed at construction."""
+        return self._configs[True].gate
 
     def gate_config(self, max_first: bool = True) -> GateConfig:
         """The gate's :class:`~cbam_kernels.gate_math.GateConfig` (``max_first``: the order of
         a spatial gate's map that runs in the same call)."""
-        return GateConfig("avg" in self.pool_types, "max" in self.pool_types, self.act,
-                          self.gate, max_first)
+        return self._configs[max_first]
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """x (N, C, H, W) -> x * channel attention, same dtype and memory format.
 
         With ``residual``: relu(gated x + residual), the ResNet block epilogue, in the same pass.
         """
-        first = self._layers()[0]
-        check_input(x, self.channels, type(self).__name__, first.weight)
-        return apply_attention(x, residual, self.gate_params(), self.gate_config())
+        params = self.gate_params()
+        check_input(x, self.channels, self, params.w1)
+        return apply_attention(x, residual, params, self.gate_config())
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, hidden_channels={self.hidden_channels}, "

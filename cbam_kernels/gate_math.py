@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .passes_torch import cast
+
 
 ACTIVATIONS = ("relu", "silu")
 GATES = ("sigmoid", "hardsigmoid")
@@ -88,12 +90,14 @@ class SpatialSaved(NamedTuple):
     p: Tensor       # (N, 2, H*W) pooled map in the conv's channel order
     cstar: Tensor   # (N, H*W) channel arg-max
     xhat: Tensor    # (N, H*W) normalised conv output
-    stats: Tensor   # (2,) mean and biased variance the BatchNorm used
+    stats: Tensor   # (3,) mean, biased variance and 1 / sqrt(var + eps) the BatchNorm used
 
 
-def activation(h: Tensor, act: str) -> Tensor:
-    """The MLP's hidden activation: 'relu' or 'silu'."""
-    return h.relu() if act == "relu" else F.silu(h)
+def activation(h: Tensor, act: str, inplace: bool = False) -> Tensor:
+    """The MLP's hidden activation: 'relu' or 'silu' (in place with ``inplace``)."""
+    if act == "relu":
+        return h.relu_() if inplace else h.relu()
+    return F.silu(h, inplace=inplace)
 
 
 def activation_grad(h: Tensor, act: str) -> Tensor:
@@ -116,18 +120,35 @@ def gate_grad_from_output(g: Tensor, kind: str) -> Tensor:
     return ((g > 0) & (g < 1)).to(g.dtype) / 6
 
 
-def mlp_forward(pooled: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                b2: Optional[Tensor], act: str = "relu") -> Tuple[Tensor, Tensor]:
-    """Shared MLP over stacked pooled vectors.
+def mlp_forward(pooled: Tensor, k: int, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+                b2: Optional[Tensor], act: str = "relu",
+                keep: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+    """Shared MLP over the pooled vectors of ``k`` pool types, as 1x1 convolutions.
 
-    ``pooled`` is (K, N, C): one (N, C) matrix per pool type. Returns the channel logits
-    ``z = sum_k (W2 act(W1 v_k + b1) + b2)`` (N, C) -- the output bias counts once per pool type,
-    as in the official CBAM -- and the hidden pre-activations (K, N, R) for
-    :func:`mlp_backward`.
+    ``pooled`` is (K * N, C, 1, 1): the (N, C) vectors of the pool types, stacked; the weights
+    are (R, C) and (C, R) matrices or (R, C, 1, 1) and (C, R, 1, 1) 1x1-conv kernels. Returns
+    the channel logits ``z = sum_k (W2 act(W1 v_k + b1) + b2)`` (N, C, 1, 1) -- the output bias
+    counts once per pool type, as in the official CBAM -- and, with ``keep``, the hidden
+    pre-activations (K * N, R, 1, 1) for :func:`mlp_backward` (else None: the activation runs in
+    place).
     """
-    hidden = F.linear(pooled, w1.to(pooled.dtype), _cast(b1, pooled))
-    out = F.linear(activation(hidden, act), w2.to(pooled.dtype), _cast(b2, pooled))
-    return out.sum(dim=0), hidden
+    hidden = F.conv2d(pooled, _kernel(w1, pooled.dtype), _cast(b1, pooled))
+    out = F.conv2d(activation(hidden, act, inplace=not keep), _kernel(w2, pooled.dtype),
+                   _cast(b2, pooled))
+    z = out.view(k, -1, *out.shape[1:]).sum(dim=0) if k > 1 else out
+    return z, (hidden if keep else None)
+
+
+def _kernel(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """An MLP weight as a 1x1-conv kernel (O, I, 1, 1) of ``dtype``."""
+    if weight.dim() == 2:
+        weight = weight.view(weight.shape[0], weight.shape[1], 1, 1)
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def matrix(weight: Tensor) -> Tensor:
+    """An MLP weight as the (O, I) matrix (a 1x1-conv kernel's view)."""
+    return weight if weight.dim() == 2 else weight.view(weight.shape[0], weight.shape[1])
 
 
 def mlp_backward(gz: Tensor, pooled: Tensor, hidden: Tensor, w1: Tensor, b1: Optional[Tensor],
@@ -141,35 +162,58 @@ def mlp_backward(gz: Tensor, pooled: Tensor, hidden: Tensor, w1: Tensor, b1: Opt
     k = pooled.shape[0]
     gw2 = torch.einsum("nc,knr->cr", gz, activation(hidden, act))
     gb2 = gz.sum(dim=0) * k if b2 is not None else None
-    ghidden = (gz @ w2.to(gz.dtype)).unsqueeze(0) * activation_grad(hidden, act)
+    ghidden = (gz @ cast(matrix(w2), gz.dtype)).unsqueeze(0) * activation_grad(hidden, act)
     gw1 = torch.einsum("knr,knc->rc", ghidden, pooled)
     gb1 = ghidden.sum(dim=(0, 1)) if b1 is not None else None
-    gpooled = ghidden @ w1.to(gz.dtype)
+    gpooled = ghidden @ cast(matrix(w1), gz.dtype)
     return gpooled, [_as_param(g, q) for g, q in zip([gw1, gb1, gw2, gb2], [w1, b1, w2, b2])]
 
 
 def spatial_forward(p: Tensor, conv_w: Tensor, bn_w: Optional[Tensor], bn_b: Optional[Tensor],
-                    bn: BatchNormState) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                    bn: BatchNormState) -> Tuple[Tensor, Tensor, Optional[Tensor],
+                                                 Optional[Tensor]]:
     """conv k x k (2 -> 1, 'same' padding, no bias) -> BatchNorm -> sigmoid.
 
-    ``p`` is the pooled map (N, 2, H, W) in the conv weight's channel order. With
-    ``bn.batch_stats`` the BatchNorm normalises with the batch mean and biased variance
-    (training mode); otherwise with the running statistics. Returns the gate ``sa`` (N, H*W),
-    the normalised map ``xhat`` (N, H*W), and the mean and variance used, each of shape (1,).
+    ``p`` is the pooled map (N, 2, H, W) in the conv weight's channel order. The BatchNorm is
+    PyTorch's own (``torch.native_batch_norm``): with ``bn.batch_stats`` it normalises with the
+    batch mean and biased variance and, given ``bn.num_batches_tracked``, updates the running
+    statistics exactly as ``nn.BatchNorm2d`` does; otherwise it uses the running statistics.
+    Returns the gate ``sa`` (N, H*W), the conv output ``u`` (N, H*W), and with batch statistics
+    the batch mean and 1 / sqrt(var + eps) it used, each (1,) (None otherwise).
     """
-    u = F.conv2d(p, conv_w.to(p.dtype), padding=conv_w.shape[-1] // 2).flatten(1)
-    if bn.batch_stats:
-        var, mean = torch.var_mean(u, correction=0)
-        mean, var = mean.view(1), var.view(1)
+    u = F.conv2d(p, cast(conv_w, p.dtype), padding=conv_w.shape[-1] // 2)
+    update = bn.batch_stats and bn.num_batches_tracked is not None
+    momentum = 0.0
+    if update:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum if bn.momentum is not None else (
+            1.0 / float(bn.num_batches_tracked))
+    running = (bn.running_mean, bn.running_var) if update or not bn.batch_stats else (None, None)
+    mixed = running[0] is not None and running[0].dtype != u.dtype  # a float16 module's buffers
+    stats = tuple(r.to(u.dtype) for r in running) if mixed else running
+    v, mean, rstd = torch.native_batch_norm(u, _cast(bn_w, u), _cast(bn_b, u), *stats,
+                                            bn.batch_stats, momentum, bn.eps)
+    if mixed and update:
+        with torch.no_grad():
+            for buffer, new in zip(running, stats):
+                buffer.copy_(new)
+    if not bn.batch_stats:
+        mean = rstd = None
+    return torch.sigmoid(v).flatten(1), u.flatten(1), mean, rstd
+
+
+def batch_norm_stats(u: Tensor, mean: Optional[Tensor], rstd: Optional[Tensor],
+                     bn: BatchNormState) -> Tuple[Tensor, Tensor]:
+    """What backward keeps of the BatchNorm of :func:`spatial_forward`: the normalised map
+    ``xhat`` (N, H*W) and ``stats`` = [mean, biased variance, 1 / sqrt(var + eps)] it used."""
+    if mean is None:
+        mean = cast(bn.running_mean, u.dtype)
+        var = cast(bn.running_var, u.dtype)
+        rstd = torch.rsqrt(var + bn.eps)
     else:
-        mean, var = bn.running_mean.to(u.dtype), bn.running_var.to(u.dtype)
-    xhat = (u - mean) * torch.rsqrt(var + bn.eps)
-    v = xhat
-    if bn_w is not None:
-        v = v * bn_w.to(u.dtype)
-    if bn_b is not None:
-        v = v + bn_b.to(u.dtype)
-    return torch.sigmoid(v), xhat, mean, var
+        var = (u - mean).square().mean().view(1)
+    return (u - mean) * rstd, torch.cat([mean, var, rstd])
 
 
 @torch.no_grad()
@@ -203,14 +247,14 @@ def spatial_backward(gsa: Tensor, saved: SpatialSaved, conv_w: Tensor, bn_w: Opt
     gv = gsa * sa * (1 - sa)
     gbn_w = (gv * xhat).sum().view(1) if bn_w is not None else None
     gbn_b = gv.sum().view(1) if bn_b is not None else None
-    gxhat = gv * bn_w.to(gv.dtype) if bn_w is not None else gv
-    rstd = torch.rsqrt(saved.stats[1] + bn.eps)
+    gxhat = gv * cast(bn_w, gv.dtype) if bn_w is not None else gv
+    rstd = saved.stats[2]
     if bn.batch_stats:
         gxhat = gxhat - gxhat.mean() - xhat * (gxhat * xhat).mean()
     n = gsa.shape[0]
     gu = (gxhat * rstd).view(n, 1, height, width)
     pad = conv_w.shape[-1] // 2
-    w = conv_w.to(gu.dtype)
+    w = cast(conv_w, gu.dtype)
     p = saved.p.view(n, 2, height, width)
     # Both conv gradients as forward convolutions, which are deterministic (cuDNN's backward
     # kernels may use atomics): gp correlates gu with the flipped kernel; gconv correlates each
@@ -222,12 +266,15 @@ def spatial_backward(gsa: Tensor, saved: SpatialSaved, conv_w: Tensor, bn_w: Opt
 
 
 def _as_param(grad: Optional[Tensor], param: Optional[Tensor]) -> Optional[Tensor]:
-    """A parameter's gradient in the parameter's dtype and strides (DDP's gradient buckets
-    expect the parameter's layout)."""
-    if grad is None or (grad.dtype == param.dtype and grad.stride() == param.stride()):
+    """A parameter's gradient in the parameter's shape, dtype and strides (DDP's gradient
+    buckets expect the parameter's layout)."""
+    if grad is None:
+        return None
+    grad = grad.view(param.shape)
+    if grad.dtype == param.dtype and grad.stride() == param.stride():
         return grad
     return torch.empty_like(param).copy_(grad)
 
 
 def _cast(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
-    return None if t is None else t.to(like.dtype)
+    return None if t is None else cast(t, like.dtype)

@@ -248,7 +248,8 @@ def _conv_kernel(psum, pmax, parg, S, N, H, W, hw_blocks, conv_w, sw_ch, sw_i, s
                  SUB: tl.constexpr, TBLOCK: tl.constexpr):
     """One block of BLOCK pixels of one sample, SUB pixels x all taps at a time: finish the
     channel pools into p (N, 2, HW) and cstar, u = conv_kxk(p) (zero padding). Eval: u -> xhat
-    (u_out) and sa with the running statistics, which program 0 also copies to stats_out.
+    (u_out) and sa with the running statistics, which program 0 also writes to stats_out
+    ([mean, var, 1 / sqrt(var + eps)]).
     Training: u (u_out) and this block's (mean, M2) of u in stats_part[pid] (Chan et al.)."""
     pid = tl.program_id(0)
     HW = H * W
@@ -270,6 +271,7 @@ def _conv_kernel(psum, pmax, parg, S, N, H, W, hw_blocks, conv_w, sw_ch, sw_i, s
         if pid == 0:
             tl.store(stats_out, run_mean)
             tl.store(stats_out + 1, run_var)
+            tl.store(stats_out + 2, rstd)
     for sub in range(0, tl.minimum(BLOCK, HW - base), SUB):
         pix = base + sub + tl.arange(0, SUB)
         valid = pix < HW
@@ -317,7 +319,8 @@ def _batch_norm_kernel(stats_part, programs, hw_blocks, HW, xhat, sa_out, stats_
     """Training BatchNorm of the conv output u (in ``xhat``, overwritten): every program folds
     the per-block (mean, M2) partials in the same fixed order into the batch mean and biased
     variance (Chan et al.), normalises its block and writes sa. Program 0 also writes
-    stats_out = [mean, var] and, with UPDATE, the running statistics as nn.BatchNorm2d:
+    stats_out = [mean, var, 1 / sqrt(var + eps)] and, with UPDATE, the running statistics as
+    nn.BatchNorm2d:
     num_batches += 1; r = (1 - f) r + f s with f = momentum (1 / num_batches if CUMULATIVE) and
     the unbiased variance for run_var."""
     pid = tl.program_id(0)
@@ -349,6 +352,7 @@ def _batch_norm_kernel(stats_part, programs, hw_blocks, HW, xhat, sa_out, stats_
     if pid == 0:
         tl.store(stats_out, mean)
         tl.store(stats_out + 1, var)
+        tl.store(stats_out + 2, rstd)
         if UPDATE:
             batches = tl.load(num_batches) + 1
             tl.store(num_batches, batches)
@@ -379,7 +383,7 @@ def spatial_gate(pool: Partials, conv_w: Tensor, bn_w: Optional[Tensor], bn_b: O
     xhat = torch.empty((n, hw), **f32)
     sa = torch.empty((n, hw), **f32)
     hw_blocks, programs = _pixel_grid(n, hw)
-    stats = torch.empty(2, **f32)
+    stats = torch.empty(3, **f32)
     part = torch.empty((programs, 2), **f32) if bn.batch_stats else None
     _conv_kernel[(programs,)](
         pool.sum, pool.max, pool.arg, pool.sum.shape[0], n, height, width, hw_blocks, conv_w,
@@ -422,7 +426,7 @@ def _sa_grad_kernel(gpart, S, N, HW, hw_blocks, sa, xhat, gv_out, bn_part,
 
 @triton.jit
 def _conv_grad_kernel(gv, xhat, p, bn_part, programs, N, H, W, hw_blocks, conv_w, sw_ch, sw_i,
-                      sw_j, stats, bn_w, eps, gp_out, wpart,
+                      sw_j, stats, bn_w, gp_out, wpart,
                       BATCH_STATS: tl.constexpr, HAS_W: tl.constexpr, KSIZE: tl.constexpr,
                       BLOCK: tl.constexpr, SUB: tl.constexpr, TBLOCK: tl.constexpr,
                       PBLOCK: tl.constexpr):
@@ -433,7 +437,7 @@ def _conv_grad_kernel(gv, xhat, p, bn_part, programs, N, H, W, hw_blocks, conv_w
     HW = H * W
     n = (pid // hw_blocks).to(tl.int64)
     base = (pid % hw_blocks) * BLOCK
-    scale = _scalar(bn_w, 1.0, HAS_W) / tl.sqrt(tl.load(stats + 1) + eps)
+    scale = _scalar(bn_w, 1.0, HAS_W) * tl.load(stats + 2)
     shift = 0.0
     tilt = 0.0
     if BATCH_STATS:
@@ -488,7 +492,7 @@ def spatial_backward(grad: Partials, saved: SpatialSaved, conv_w: Tensor, bn_w: 
                                  saved.xhat, gv, bn_part, BLOCK=PIXEL_BLOCK, num_warps=WARPS)
     _conv_grad_kernel[(programs,)](
         gv, saved.xhat, saved.p, bn_part, programs, n, height, width, hw_blocks, conv_w,
-        conv_w.stride(1), conv_w.stride(2), conv_w.stride(3), saved.stats, bn_w, bn.eps, gp,
+        conv_w.stride(1), conv_w.stride(2), conv_w.stride(3), saved.stats, bn_w, gp,
         wpart, BATCH_STATS=bn.batch_stats, HAS_W=bn_w is not None,
         KSIZE=conv_w.shape[-1], BLOCK=PIXEL_BLOCK, SUB=PIXEL_SUB,
         TBLOCK=_pow2(conv_w.shape[-1] ** 2), PBLOCK=PARTIAL_BLOCK, num_warps=WARPS)
@@ -710,7 +714,8 @@ def param_grads_work(params: GateParams, act: str,
 
 
 def _strides(t: Optional[Tensor], dims: int) -> Tuple[int, ...]:
-    return (0,) * dims if t is None else t.stride()
+    """The first ``dims`` strides of ``t`` (a 1x1-conv weight's first two are its matrix's)."""
+    return (0,) * dims if t is None else t.stride()[:dims]
 
 
 def param_grads(work: ParamGrads) -> None:

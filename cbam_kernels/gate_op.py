@@ -55,12 +55,15 @@ def attention_gate(x: Tensor, residual: Optional[Tensor] = None,
     """
     if x.numel() == 0:
         return _empty_gate(x, residual, params, bn)
-    if backend.backend_for(x) == "torch":
-        if torch.is_autocast_enabled(x.device.type):  # the small math stays in float32
-            with torch.autocast(x.device.type, enabled=False):
-                return pipeline_torch.forward(x, residual, params, cfg, bn)[0]
-        return pipeline_torch.forward(x, residual, params, cfg, bn)[0]
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    name = backend.backend_name(x.device, x.dtype) if compiling else backend.backend_for(x)
+    if name == "torch":
+        device = "cpu" if x.is_cpu else x.device.type
+        if torch.is_autocast_enabled(device):  # the small math stays in float32
+            with torch.autocast(device, enabled=False):
+                return pipeline_torch.forward(x, residual, params, cfg, bn, keep=False)[0]
+        return pipeline_torch.forward(x, residual, params, cfg, bn, keep=False)[0]
+    if compiling:
         running = (None, None) if bn.batch_stats else (bn.running_mean, bn.running_var)
         out = gate_forward(x, residual, *_pack(params), *running, bn.eps, bn.batch_stats, *cfg)
         if params.conv_w is not None:
@@ -68,7 +71,7 @@ def attention_gate(x: Tensor, residual: Optional[Tensor] = None,
             stats = out[-1]
             update_running_stats(bn, stats[0:1], stats[1:2], n * h * w)
         return out[0]
-    pipeline = backend.pipeline_for(x)
+    pipeline = backend.pipeline_named(name)
     if torch.is_grad_enabled() and _needs_grad(x, residual, params):
         return _FusedGate.apply(x, residual, *params, pipeline, cfg, bn)
     return pipeline.forward(x, residual, params, cfg, bn)[0]
@@ -183,7 +186,7 @@ def _(x, residual, params, present, running_mean, running_var, eps, batch_stats,
     if present[4]:
         saved[4:] = [x.new_empty(n, h * w, dtype=small), x.new_empty(n, 2, h * w, dtype=small),
                      x.new_empty(n, h * w, dtype=torch.int32), x.new_empty(n, h * w, dtype=small),
-                     x.new_empty(2, dtype=small)]
+                     x.new_empty(3, dtype=small)]
     return [torch.empty_like(x), *saved]
 
 

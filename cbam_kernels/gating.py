@@ -14,9 +14,13 @@ from .gate_math import BatchNormState, GateConfig, GateParams
 from .gate_op import attention_gate
 
 
-def check_input(x: Tensor, channels: Optional[int], name: str, param: Tensor) -> None:
-    """Raise a clear error for an input the fused gates cannot take (``name``: the module's
-    class; ``param``: one of its parameters, whose device x must share)."""
+def check_input(x: Tensor, channels: Optional[int], module: object, param: Tensor) -> None:
+    """Raise a clear error, naming ``module``'s class, for an input the fused gates cannot take
+    (``param``: one of the module's parameters, whose device x must share)."""
+    if (isinstance(x, Tensor) and x.dim() == 4 and x.is_floating_point()
+            and (channels is None or x.shape[1] == channels) and param.device == x.device):
+        return
+    name = type(module).__name__
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:

@@ -15,7 +15,8 @@ Shared conventions:
   ``sa`` and ``gsa`` are (N, H, W), the pooled map ``p`` and its gradient ``gp`` are (N, 2, H, W).
 * ``max_first`` says which channel of ``p`` holds the max over channels: 0 when True (the
   official CBAM order [max, mean]), 1 when False (timm's [mean, max]).
-* Arg-max indices are int32; ties go to the first (lowest) index.
+* Arg-max indices are int64 here (int32 from the kernels); ties go to the first (lowest) index,
+  and a NaN is the max (the first NaN), as ``torch.max`` has them.
 * ``None`` for ``ca``, ``sa`` or a gradient means "that factor is absent" (SE has no spatial
   gate, the spatial gate alone has no channel gate).
 
@@ -67,40 +68,68 @@ def acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` (``t`` itself when it already is: no dispatch, no copy)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def in_acc_dtype(x: Tensor) -> Tensor:
+    """``x`` in its accumulation dtype (``x`` itself for float32 and float64)."""
+    return x if x.dtype == torch.float32 or x.dtype == torch.float64 else x.float()
+
+
 def _flat(x: Tensor) -> Tensor:
     """(N, C, H, W) -> (N, C, H*W) in the accumulation dtype."""
-    return x.to(acc_dtype(x)).flatten(2)
+    return in_acc_dtype(x).flatten(2)
 
 
 def _max_channel(max_first: bool) -> int:
     return 0 if max_first else 1
 
 
-def pool_hw(x: Tensor, with_max: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Global pooling over H*W: (mean, max, argmax), each (N, C).
-
-    The mean is accumulated in float32 (pytorch/pytorch#43992). With ``with_max=False`` the max
-    and argmax are empty tensors.
+def pool_hw(x: Tensor, with_max: bool, keepdim: bool = False
+            ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Global pooling over H*W: (mean, max, first arg-max), each (N, C), or (N, C, 1, 1) with
+    ``keepdim``; the max and arg-max are None without ``with_max``. The mean is accumulated in
+    float32 (pytorch/pytorch#43992).
     """
-    v = _flat(x)
-    avg = v.mean(dim=2)
     if not with_max:
-        return avg, v.new_empty(0), torch.empty(0, dtype=torch.int32, device=x.device)
-    mx, arg = _first_max(v, dim=2)
+        return in_acc_dtype(x).mean(dim=(2, 3), keepdim=keepdim), None, None
+    v = _flat(x)
+    mx, arg = v.max(dim=2, keepdim=keepdim)
+    avg = v.mean(dim=2, keepdim=keepdim)
+    if keepdim:
+        return avg.unsqueeze(3), mx.unsqueeze(3), arg.unsqueeze(3)
     return avg, mx, arg
 
 
 def channel_pool(x: Tensor, ca: Optional[Tensor], max_first: bool) -> Tuple[Tensor, Tensor]:
-    """Pool x1 = x * ca over channels: the map p (N, 2, H, W) and the channel arg-max (N, H, W)."""
+    """Pool x1 = x * ca over channels: the map p (N, 2, H, W) and the first channel arg-max
+    (N, H, W)."""
     n, c, h, w = x.shape
-    v = _flat(x)
-    if ca is not None:
-        v = v * ca.unsqueeze(2)
-    mx, arg = _first_max(v, dim=1)
+    v = _flat(scale(x, ca, None))
+    mx, arg = v.max(dim=1)
     mean = v.mean(dim=1)
     pair = (mx, mean) if max_first else (mean, mx)
-    p = torch.stack(pair, dim=1).view(n, 2, h, w)
-    return p, arg.view(n, h, w)
+    return torch.stack(pair, dim=1).view(n, 2, h, w), arg.view(n, h, w)
+
+
+def scale(x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor]) -> Tensor:
+    """x * ca[n, c] * sa[n, h, w] in the accumulation dtype (either gate may be None)."""
+    y = in_acc_dtype(x)
+    if ca is not None:
+        y = y * (ca if ca.dim() == 4 else ca.view(ca.shape[0], ca.shape[1], 1, 1))
+    if sa is not None:
+        y = y * sa.view(sa.shape[0], 1, x.shape[2], x.shape[3])
+    return y
+
+
+def epilogue(y: Tensor, residual: Optional[Tensor], like: Tensor) -> Tensor:
+    """The gated activation ``y`` as the op's output: with ``residual``, the ResNet block
+    epilogue relu(y + residual); in the dtype and memory format of ``like`` (the input x)."""
+    if residual is not None:
+        y = torch.relu(y + cast(residual, y.dtype))
+    return _like(y, like)
 
 
 def apply_gates(x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
@@ -110,14 +139,7 @@ def apply_gates(x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
     With ``residual`` (x's shape and dtype, any memory format), the ResNet block epilogue
     y = relu(x * ca * sa + residual) instead.
     """
-    y = x.to(acc_dtype(x))
-    if ca is not None:
-        y = y * ca[:, :, None, None]
-    if sa is not None:
-        y = y * sa.view(sa.shape[0], 1, x.shape[2], x.shape[3])
-    if residual is not None:
-        y = torch.relu(y + residual.to(y.dtype))
-    return _like(y, x)
+    return epilogue(scale(x, ca, sa), residual, x)
 
 
 def grad_spatial(gy: Tensor, x: Tensor, ca: Optional[Tensor]) -> Tensor:
@@ -160,18 +182,11 @@ def grad_x1(gy: Tensor, channels: int, sa: Optional[Tensor], gp: Optional[Tensor
     if sa is not None:
         g = g * sa.reshape(n, 1, hw)
     if gp is not None:
-        gp = gp.reshape(n, 2, hw).to(g.dtype)
+        gp = cast(gp.reshape(n, 2, hw), g.dtype)
         gmax, gmean = gp[:, _max_channel(max_first)], gp[:, 1 - _max_channel(max_first)]
         g = g + (gmean / channels).unsqueeze(1)
         g = g + gmax.unsqueeze(1) * _one_hot(cstar.reshape(n, hw), channels, dim=1)
     return g
-
-
-def _first_max(v: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
-    """Max along ``dim`` and its index (int32): torch.max, which returns the first maximal
-    index on ties and the first NaN's value and index when there is one."""
-    mx, arg = v.max(dim=dim)
-    return mx, arg.to(torch.int32)
 
 
 def _one_hot(index: Tensor, size: int, dim: int) -> Tensor:
@@ -183,7 +198,9 @@ def _one_hot(index: Tensor, size: int, dim: int) -> Tensor:
 
 
 def _like(v: Tensor, x: Tensor) -> Tensor:
-    """``v`` cast to x's dtype, laid out in x's memory format."""
+    """``v`` in x's dtype, laid out like ``torch.empty_like(x)`` (no copy when it is)."""
+    if v.dtype == x.dtype and v.stride() == x.stride():
+        return v
     out = torch.empty_like(x)
     out.copy_(v.view(x.shape))
     return out

@@ -19,27 +19,40 @@ from .gate_math import (BatchNormState, ChannelSaved, GateConfig, GateGrads, Gat
 
 
 def forward(x: Tensor, residual: Optional[Tensor], params: GateParams, cfg: GateConfig,
-            bn: BatchNormState) -> Tuple[Tensor, Optional[ChannelSaved], Optional[SpatialSaved]]:
-    """y = x * ca * sa (relu(... + residual) with a residual) and what backward needs; with
-    batch statistics the BatchNorm's running statistics are updated."""
-    n, _, h, w = x.shape
+            bn: BatchNormState, keep: bool = True
+            ) -> Tuple[Tensor, Optional[ChannelSaved], Optional[SpatialSaved]]:
+    """y = x * ca * sa (relu(... + residual) with a residual), in x's dtype and memory format;
+    with batch statistics the BatchNorm's running statistics are updated. With ``keep``, also
+    what :func:`backward` needs (else None: the path that autograd differentiates computes
+    nothing more than y)."""
     channel = spatial = None
+    x1 = passes_torch.in_acc_dtype(x)
     if params.w1 is not None:
-        avg, mx, pstar = passes_torch.pool_hw(x, cfg.use_max)
-        pooled = torch.stack([v for v, use in ((avg, cfg.use_avg), (mx, cfg.use_max)) if use])
-        z, hidden = gate_math.mlp_forward(pooled, params.w1, params.b1, params.w2, params.b2,
-                                          cfg.act)
-        channel = ChannelSaved(gate_math.gate(z, cfg.gate), pooled, hidden,
-                               pstar if cfg.use_max else None)
-    ca = channel.ca if channel is not None else None
+        avg, mx, pstar = passes_torch.pool_hw(x, cfg.use_max, keepdim=True)
+        k = cfg.use_avg + cfg.use_max
+        pooled = torch.cat([avg, mx]) if k == 2 else (avg if cfg.use_avg else mx)
+        z, hidden = gate_math.mlp_forward(pooled, k, *params[:4], cfg.act, keep)
+        ca = gate_math.gate(z, cfg.gate)
+        x1 = passes_torch.scale(x1, ca, None)
+        if keep:
+            n, c = x.shape[0], x.shape[1]
+            channel = ChannelSaved(ca.view(n, c), pooled.view(k, n, c), hidden.view(k, n, -1),
+                                   _int32(pstar if pstar is None else pstar.view(n, c)))
+    sa = None
     if params.conv_w is not None:
-        p, cstar = passes_torch.channel_pool(x, ca, cfg.max_first)
-        sa, xhat, mean, var = gate_math.spatial_forward(p, params.conv_w, params.bn_w,
-                                                        params.bn_b, bn)
-        gate_math.update_running_stats(bn, mean, var, n * h * w)
-        spatial = SpatialSaved(sa, p.flatten(2), cstar.flatten(1), xhat, torch.cat([mean, var]))
-    sa = spatial.sa if spatial is not None else None
-    return passes_torch.apply_gates(x, ca, sa, residual), channel, spatial
+        p, cstar = passes_torch.channel_pool(x1, None, cfg.max_first)
+        sa, u, mean, rstd = gate_math.spatial_forward(p, params.conv_w, params.bn_w,
+                                                      params.bn_b, bn)
+        if keep:
+            xhat, stats = gate_math.batch_norm_stats(u, mean, rstd, bn)
+            spatial = SpatialSaved(sa, p.flatten(2), _int32(cstar.flatten(1)), xhat, stats)
+    y = passes_torch.scale(x1, None, sa) if sa is not None else x1
+    return passes_torch.epilogue(y, residual, x), channel, spatial
+
+
+def _int32(index: Optional[Tensor]) -> Optional[Tensor]:
+    """Arg-max indices as the kernels keep them (int32)."""
+    return None if index is None else index.to(torch.int32)
 
 
 def backward(gy: Tensor, x: Tensor, out: Optional[Tensor], params: GateParams, cfg: GateConfig,

@@ -59,7 +59,7 @@ class SpatialGate(nn.Module):
     @property
     def block(self) -> ConvBN:
         """The conv + BatchNorm submodule (``spatial`` or ``conv`` depending on the style)."""
-        return self.spatial if self.style == "official" else self.conv
+        return self._modules["spatial" if self.style == "official" else "conv"]
 
     @property
     def max_first(self) -> bool:
@@ -77,20 +77,21 @@ class SpatialGate(nn.Module):
     def gate_params(self) -> GateParams:
         """The conv weight and BatchNorm affine terms as
         :class:`~cbam_kernels.gate_math.GateParams`."""
-        block = self.block
-        return GateParams(conv_w=block.conv.weight, bn_w=block.bn.weight, bn_b=block.bn.bias)
+        conv, bn = (self.block._modules[k]._parameters for k in ("conv", "bn"))
+        return GateParams(conv_w=conv["weight"], bn_w=bn["weight"], bn_b=bn["bias"])
 
     def bn_state(self, x: Tensor) -> BatchNormState:
         """This gate's BatchNorm for input ``x``: batch statistics (and their running update)
         in training or without running statistics, else the running ones."""
-        bn = self.block.bn
-        batch_stats = bn.training or bn.running_mean is None
+        bn = self.block._modules["bn"]
+        buffers = bn._buffers
+        batch_stats = bn.training or buffers["running_mean"] is None
         if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] == 1:
             raise ValueError("Expected more than 1 value per channel when training the spatial "
                              f"gate's BatchNorm, got input size {tuple(x.shape)}")
         tracked = bn.training and bn.track_running_stats
-        return BatchNormState(bn.running_mean, bn.running_var,
-                              bn.num_batches_tracked if tracked else None, bn.eps,
+        return BatchNormState(buffers["running_mean"], buffers["running_var"],
+                              buffers["num_batches_tracked"] if tracked else None, bn.eps,
                               bn.momentum, batch_stats)
 
     def forward_eager(self, x: Tensor) -> Tensor:
@@ -104,7 +105,7 @@ class SpatialGate(nn.Module):
 
         With ``residual``: relu(gated x + residual), the ResNet block epilogue, in the same pass.
         """
-        check_input(x, None, type(self).__name__, self.block.conv.weight)
+        check_input(x, None, self, self.block.conv.weight)
         if not self.fusable():
             if residual is not None:
                 check_residual(x, residual)

@@ -61,6 +61,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_backend_choices():
+    """Each test chooses backends anew (CBAM_KERNELS_BACKEND is read when a choice is made and
+    tests set it)."""
+    backend.forget_choices()
+    yield
+    backend.forget_choices()
+
+
 class KernelPipeline(NamedTuple):
     """A kernel pipeline under test: its name and ``pipeline_kernels.KernelPipeline``."""
 
@@ -97,8 +106,8 @@ def kernel_pipeline(request, monkeypatch):
             stack.enter_context(cuda_emulation.memory_checks())
             pipeline = Pipeline(cuda_emulation.passes)
             monkeypatch.setattr(backend, "backend_for", lambda x: "cuda")
-            monkeypatch.setattr(backend, "pipeline_for", lambda x: pipeline)
+            monkeypatch.setattr(backend, "pipeline_named", lambda name: pipeline)
         else:
             monkeypatch.setenv(ENV_VAR, name)
-            pipeline = backend._pipeline(name)
+            pipeline = backend.pipeline_named(name)
         yield KernelPipeline(name, pipeline)

@@ -25,7 +25,7 @@ TINY = ["--bench-device=cpu", "--bench-shapes=tiny", "--bench-batches=2", "--ben
 PROVIDERS = {"eager", "compile", "torch"}
 METRICS = {"median_ms", "tensor_bytes", "bytes_moved", "gbps", "copy_gbps", "pct_copy_bw",
            "io_floor_bytes", "floor_ratio", "peak_mem_bytes", "speedup_vs_eager",
-           "speedup_vs_compile"}
+           "speedup_vs_compile", "launches", "launch_names"}
 
 
 def run_python(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -51,22 +51,50 @@ def test_main_job_prints_the_table(main_job):
     stdout, _ = main_job
     assert "| pass | dtype | format | batch | shape |" in stdout
     assert "### cbam" in stdout
+    assert "### host time per call" in stdout and "| op | pass | provider | µs per call |" in stdout
+    assert "### launches per call" in stdout
+    assert "| cbam 2x64x6x6 float32 nchw | eager | 18 | 19 | 39 |" in stdout
     if not torch.cuda.is_available():
         assert "need a GPU" in stdout
 
 
+def _infos(out, host):
+    """The extra_info of the op results (host=False) or of the host-time ones (host=True)."""
+    infos = [b["extra_info"] for b in json.loads((out / "results.json").read_text())["benchmarks"]]
+    return [i for i in infos if (i.get("kind") == "host") == host]
+
+
 def test_every_result_carries_its_metrics(main_job):
     _, out = main_job
-    infos = [b["extra_info"] for b in json.loads((out / "results.json").read_text())["benchmarks"]]
+    infos = _infos(out, host=False)
     assert {"cbam", "se"} <= {i["op"] for i in infos}
     providers = {}
     for info in infos:
         assert METRICS <= set(info), sorted(METRICS - set(info))
+        counted = info["provider"] != "compile"
+        assert (info["launches"] is not None) == counted
+        assert not counted or info["launches"] == len(info["launch_names"]) > 0
         assert info["bytes_moved"] == info["min_passes"] * info["tensor_bytes"]
         assert info["speedup_vs_eager"] > 0 and info["speedup_vs_compile"] > 0
         config = (info["op"], info["pass_name"], info["format"])
         providers.setdefault(config, set()).add(info["provider"])
     assert all(found == PROVIDERS for found in providers.values()), providers
+
+
+def test_host_time_rows(main_job):
+    """Host time per call of CBAM and SE, forward and forward+backward, eager and ours, with
+    ours over eager and the launches per call."""
+    _, out = main_job
+    rows = _infos(out, host=True)
+    assert {(r["op"], r["pass_name"], r["provider"]) for r in rows} == {
+        (op, p, provider) for op in ("cbam", "se") for p in ("forward", "fwd+bwd")
+        for provider in ("eager", "torch")}
+    for row in rows:
+        assert row["us_per_call"] > 0 and row["launches"] > 0
+        assert row["host_vs_eager"] == 1.0 if row["provider"] == "eager" else \
+            row["host_vs_eager"] > 0
+    markdown = (out / "results.md").read_text()
+    assert "## Host time per call" in markdown
 
 
 def test_report_writes_markdown_and_charts(main_job):

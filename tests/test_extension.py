@@ -91,11 +91,13 @@ def test_cpu_tensors_are_refused():
 
 
 def test_passes_cuda_has_the_spec_parameters():
-    """The parameters of the specification's passes, but for channel_pool's max_first (the
-    consumer of its partials orders the map) and the epilogue's out of grad_spatial and
-    grad_channel. Importing passes_cuda does not need the extension."""
+    """The parameters of the specification's passes, but for pool_hw's keepdim (a shape the
+    specification's own pipeline wants), channel_pool's max_first (the consumer of its
+    partials orders the map) and the epilogue's out of grad_spatial and grad_channel.
+    Importing passes_cuda does not need the extension."""
     from cbam_kernels import passes_cuda
-    changed = {"channel_pool": ["x", "ca"], "grad_spatial": ["gy", "x", "ca", "out"],
+    changed = {"pool_hw": ["x", "with_max"], "channel_pool": ["x", "ca"],
+               "grad_spatial": ["gy", "x", "ca", "out"],
                "grad_channel": ["gy", "x", "sa", "gp", "cstar", "max_first", "out"]}
     for name in PASSES:
         parameters = list(inspect.signature(getattr(passes_cuda, name)).parameters)
@@ -177,8 +179,8 @@ def test_auto_takes_the_first_available_of_the_table(monkeypatch, request):
     """auto follows AUTO_ORDER (fastest measured first), skipping unavailable backends. The
     choices are cached, so the cache is cleared before, at each change of availability and
     after."""
-    backend._choose_cached.cache_clear()
-    request.addfinalizer(backend._choose_cached.cache_clear)
+    backend.forget_choices()
+    request.addfinalizer(backend.forget_choices)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     state = {"cuda": "", "triton": ""}
     monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda device=None: state["cuda"])
@@ -188,11 +190,11 @@ def test_auto_takes_the_first_available_of_the_table(monkeypatch, request):
     monkeypatch.setitem(backend.AUTO_ORDER, (9, 0), ("cuda", "triton"))
     assert backend._choose("auto", gpu, torch.bfloat16)[0] == "cuda"
     state["cuda"] = "no kernel"
-    backend._choose_cached.cache_clear()
+    backend.forget_choices()
     name, why = backend._choose("auto", gpu, torch.float32)
     assert name == "triton" and "cuda unavailable: no kernel" in why
     state["triton"] = "no triton"
-    backend._choose_cached.cache_clear()
+    backend.forget_choices()
     assert backend._choose("auto", gpu, torch.float32)[0] == "torch"
 
 

@@ -125,11 +125,19 @@ def ill_conditioned(shape, batch_stats):
     return batch_stats and (n * h * w < 8 or h * w == 1)
 
 
-def run_spec(x, res, gy, params, cfg, bn, dtype=None):
+def run_spec(x, res, gy, params, cfg, bn, dtype=None, jitter=0.0):
     """pipeline_torch forward + backward, everything cast to ``dtype`` (float64: the truth;
-    None: as given, the specification at the kernels' precision). Returns every result by
-    name."""
-    cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+    None: as given, the specification at the kernels' precision) and, with ``jitter``, each
+    input value moved by that relative amount at random. Returns every result by name."""
+    g = torch.Generator(device=x.device).manual_seed(7)
+
+    def cast(t):
+        if t is None or dtype is None:
+            return t
+        t = t.to(dtype)
+        return t * (1 + jitter * torch.randn(t.shape, generator=g, device=t.device,
+                                            dtype=dtype)) if jitter else t
+
     params = GateParams(*map(cast, params))
     bn = bn._replace(running_mean=cast(bn.running_mean.clone()),
                      running_var=cast(bn.running_var.clone()),
@@ -165,13 +173,25 @@ def _grouped(named, name):
     return torch.cat([named[k].flatten().double() for k in GROUPS[name] if named[k] is not None])
 
 
+def references(x, res, gy, params, cfg, bn):
+    """The float64 truth, and runs whose distance from it measures the float32 error to expect
+    of each result: the specification at the kernels' precision in two memory layouts (two
+    summation orders), in float32 with every input moved by a few float32 roundings (another
+    realisation of the rounding), and the truth with every input moved by one float32 rounding
+    (how much the result's conditioning amplifies rounding)."""
+    truth = run_spec(x, res, gy, params, cfg, bn, F64)
+    specs = [run_spec(*(None if t is None else to_layout(t, fmt) for t in (x, res, gy)), params,
+                      cfg, bn) for fmt in ("nchw", "cl")]
+    specs.append(run_spec(x, res, gy, params, cfg, bn, torch.float32, jitter=2.0**-22))
+    return truth, specs + [run_spec(x, res, gy, params, cfg, bn, F64, jitter=2.0**-24)]
+
+
 def check_against_spec(got, truth, specs, dtypes):
-    """Each result of the kernels within EAGER_FACTOR times the specification's own error (at
-    the kernels' precision; the largest over ``specs``, runs whose summation orders differ) of
-    the float64 truth, or within TOL_FLOOR of its dtype (the module tests' rule,
-    gate_testing); arg-max indices equal to the specification's at the kernels' precision
-    (float64 may order near-ties differently); dtypes as ``dtypes`` says (float32 for the
-    rest)."""
+    """Each result of the kernels within EAGER_FACTOR times the largest error of ``specs`` (see
+    :func:`references`) from the float64 truth, or within TOL_FLOOR of its dtype (the module
+    tests' rule, gate_testing); arg-max indices equal to the specification's at the kernels'
+    precision (float64 may order near-ties differently); dtypes as ``dtypes`` says (float32
+    for the rest)."""
     assert got.keys() == truth.keys(), (sorted(got), sorted(truth))
     for name, value in got.items():
         want = truth[name]
@@ -211,9 +231,7 @@ def test_kernel_pipeline_matches_spec(kernel_pipeline, shape, dtype, layout, gat
             continue
         mean, var = running_stats(torch.float32, DEVICE)
         bn = BatchNormState(mean, var, torch.tensor(3, device=DEVICE), 1e-5, 0.1, batch_stats)
-        truth = run_spec(x, res, gy, params, cfg, bn, F64)
-        specs = [run_spec(*(to_layout(t, fmt) for t in (x, res, gy)), params, cfg, bn)
-                 for fmt in ("nchw", "cl")]
+        truth, specs = references(x, res, gy, params, cfg, bn)
         y, channel, spatial = pipeline.forward(x, res, params, cfg, bn)
         grads = pipeline.backward(gy, x, y, params, cfg, bn, channel, spatial)
         check_against_spec(results(y, channel, spatial, bn, grads), truth, specs,
@@ -251,9 +269,7 @@ def test_kernel_pipeline_low_precision_and_odd_parameters(kernel_pipeline):
     gy = torch.randn(shape, device=DEVICE).half()
     mean, var = running_stats(torch.float16, DEVICE)
     bn = BatchNormState(mean, var, torch.tensor(0, device=DEVICE), 1e-5, None, True)
-    truth = run_spec(t["x"], None, gy, params, GateConfig(), bn, F64)
-    specs = [run_spec(to_layout(t["x"], fmt), None, to_layout(gy, fmt), params, GateConfig(), bn)
-             for fmt in ("nchw", "cl")]
+    truth, specs = references(t["x"], None, gy, params, GateConfig(), bn)
     y, channel, spatial = pipeline.forward(t["x"], None, params, GateConfig(), bn)
     grads = pipeline.backward(gy, t["x"], None, params, GateConfig(), bn, channel, spatial)
     dtypes = {f"g{k}": torch.float16 for k in PARAMS}

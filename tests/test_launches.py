@@ -33,13 +33,18 @@ from pass_testing import DEVICE, to_layout
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
 from benchmarks.launches import module_launches  # noqa: E402
 
+def _reduction(channels):
+    """The usual 16, or less for few channels."""
+    return min(16, channels // 2)
+
+
 # module name -> (factory, budget {eval forward, train forward, backward})
 MODULES = {
-    "cbam": (lambda c: CBAM(c, 4), (5, 6, 6)),
-    "cbam_timm": (lambda c: CBAM(c, 4, style="timm"), (5, 6, 6)),
-    "cbam_no_spatial": (lambda c: CBAM(c, 4, no_spatial=True), (3, 3, 3)),
-    "se": (lambda c: SE(c, 4), (3, 3, 3)),
-    "channel_gate": (lambda c: ChannelGate(c, 4), (3, 3, 3)),
+    "cbam": (lambda c: CBAM(c, _reduction(c)), (5, 6, 6)),
+    "cbam_timm": (lambda c: CBAM(c, _reduction(c), style="timm"), (5, 6, 6)),
+    "cbam_no_spatial": (lambda c: CBAM(c, _reduction(c), no_spatial=True), (3, 3, 3)),
+    "se": (lambda c: SE(c, _reduction(c)), (3, 3, 3)),
+    "channel_gate": (lambda c: ChannelGate(c, _reduction(c)), (3, 3, 3)),
     "spatial_gate": (lambda c: SpatialGate(), (3, 4, 4)),
 }
 # (shape, dtype of x and parameters, layout); the last two split their reductions.
