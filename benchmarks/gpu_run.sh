@@ -2,7 +2,8 @@
 # Everything a GPU machine should run, in one call (works offline, torch already installed):
 #   bash benchmarks/gpu_run.sh [tests|bench|all]      results under ${OUT:-.benchmarks/gpu}
 # tests: build the extension, print the backends, run the whole test suite on the GPU.
-# bench: the default benchmark suite, then the report (results.md + charts, README section).
+# bench: the launch table, the default benchmark suite (host time per call included), then the
+#        report (results.md + charts, README section).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-all}"
@@ -17,6 +18,7 @@ if [[ "$stage" == tests || "$stage" == all ]]; then
   tail -5 "$out/tests.log"
 fi
 if [[ "$stage" == bench || "$stage" == all ]]; then
+  python benchmarks/launch_table.py | tee "$out/launches.md"
   python -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
     --benchmark-json="$out/results.json" > "$out/bench.log" 2>&1
   tail -5 "$out/bench.log"

@@ -655,17 +655,11 @@ def _param_grads_kernel(N, C, R, gz, ghidden, pooled, hidden, gw1, sg1_r, sg1_c,
 
 
 class ParamGrads(NamedTuple):
-    """The parameter gradients a backward returns (None where the parameter is absent), and
-    the work that computes them: ``tasks`` programs of :func:`param_grads_task` with ``args``
-    (runtime) and ``meta`` (constexpr)."""
+    """The parameter gradients a backward returns (a GateParams of them, None where the
+    parameter is absent), and the work that computes them: ``tasks`` programs of
+    :func:`param_grads_task` with ``args`` (runtime) and ``meta`` (constexpr)."""
 
-    gw1: Optional[Tensor]
-    gb1: Optional[Tensor]
-    gw2: Optional[Tensor]
-    gb2: Optional[Tensor]
-    gconv: Optional[Tensor]
-    gbn_w: Optional[Tensor]
-    gbn_b: Optional[Tensor]
+    grads: GateParams
     tasks: int
     args: tuple
     meta: dict
@@ -710,7 +704,7 @@ def param_grads_work(params: GateParams, act: str,
                 KSIZE=ksize, HAS_BN_W=gbn_w is not None, HAS_BN_B=gbn_b is not None,
                 T_BLOCK_C=block_c, T_BLOCK_R=block_r, TBLOCK=tblock,
                 PBLOCK=max(PARTIAL_BLOCK, tblock))
-    return ParamGrads(gw1, gb1, gw2, gb2, gconv, gbn_w, gbn_b, tasks, args, meta)
+    return ParamGrads(GateParams(gw1, gb1, gw2, gb2, gconv, gbn_w, gbn_b), tasks, args, meta)
 
 
 def _strides(t: Optional[Tensor], dims: int) -> Tuple[int, ...]:

@@ -225,26 +225,41 @@ def _gate_kernel(src_ptr, res_ptr, out_ptr, ca_ptr, sa_ptr, gp_ptr, cstar_ptr, g
 
 def _hw_stride(t: Tensor) -> Optional[int]:
     """Stride of t's merged H*W axis, or None when its H and W dims do not merge."""
-    _, _, h, w = t.shape
+    return _merged_hw_stride(t.shape, t.stride())
+
+
+@functools.lru_cache(maxsize=4096)
+def _merged_hw_stride(shape: Tuple[int, ...], strides: Tuple[int, ...]) -> Optional[int]:
+    _, _, h, w = shape
     if w == 1:
-        return t.stride(2)
-    if h == 1 or t.stride(2) == w * t.stride(3):
-        return t.stride(3)
+        return strides[2]
+    if h == 1 or strides[2] == w * strides[3]:
+        return strides[3]
     return None
 
 
 def _as_nc_hw(t: Tensor) -> Tuple[Tensor, Tuple[int, int, int]]:
     """``t`` (copied to contiguous if its H and W do not merge) and its (sN, sC, sHW) strides."""
     assert t.dtype in KERNEL_DTYPES, f"Triton passes take float16/bfloat16/float32, got {t.dtype}"
-    s_hw = _hw_stride(t)
-    if s_hw is None:
+    strides = _nc_hw_strides(t.shape, t.stride())
+    if strides is None:
         t = t.contiguous()
-        s_hw = _hw_stride(t)
-    _, c, h, w = t.shape
-    s_n, s_c = t.stride(0), t.stride(1)
-    assert (c - 1) * s_c + (h * w - 1) * s_hw < 2**31, \
+        strides = _nc_hw_strides(t.shape, t.stride())
+    return t, strides
+
+
+@functools.lru_cache(maxsize=4096)
+def _nc_hw_strides(shape: Tuple[int, ...], strides: Tuple[int, ...]
+                   ) -> Optional[Tuple[int, int, int]]:
+    """(sN, sC, sHW) of a tensor of this shape and these strides, None when H and W do not
+    merge."""
+    s_hw = _merged_hw_stride(shape, strides)
+    if s_hw is None:
+        return None
+    _, c, h, w = shape
+    assert (c - 1) * strides[1] + (h * w - 1) * s_hw < 2**31, \
         "one sample spans 2**31 elements or more; int32 offsets would overflow"
-    return t, (s_n, s_c, s_hw)
+    return strides[0], strides[1], s_hw
 
 
 def _full_output(like: Tensor) -> Tuple[Tensor, Tensor]:

@@ -91,4 +91,4 @@ class KernelPipeline:
                                         **tail)
             if not self.fused_param_grads:
                 small.param_grads(work)
-        return GateGrads(gx, gres, GateParams(*work[:7]))
+        return GateGrads(gx, gres, work.grads)

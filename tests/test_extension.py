@@ -6,8 +6,8 @@ schema, the package works without the extension, and the backend report and
 was not built, unless ``CBAM_KERNELS_BUILD_CUDA=1`` says that it must have been (then they fail).
 
 With a GPU (skipped otherwise): the ops name bad arguments; bitwise determinism; CUDA graph
-capture and replay of a CBAM forward+backward; a non-default stream; a tensor of more than 2**31
-elements. The results of every pass against its specification ``passes_torch`` are tested in
+capture and replay of a CBAM forward+backward and torch.compile(mode="reduce-overhead"), on both
+kernel backends; a non-default stream; a tensor of more than 2**31 elements. The results of every pass against its specification ``passes_torch`` are tested in
 ``test_passes.py``, for this backend and the Triton one.
 """
 
@@ -299,9 +299,18 @@ def test_passes_are_deterministic(layout):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], again))
 
 
-@needs_gpu
-def test_cbam_backward_is_deterministic(monkeypatch):
-    monkeypatch.setenv(backend.ENV_VAR, "cuda")
+def kernel_backends_on_gpu():
+    """Both kernel backends as parameters, each skipped unless it runs on this machine's GPU."""
+    reasons = {"cuda": GPU_REASON,
+               "triton": "" if torch.cuda.is_available() and
+               not backend.triton_unavailable_reason() else "no GPU for the Triton kernels"}
+    return [pytest.param(name, marks=pytest.mark.skipif(bool(reason), reason=reason or ""))
+            for name, reason in reasons.items()]
+
+
+@pytest.mark.parametrize("name", kernel_backends_on_gpu())
+def test_cbam_backward_is_deterministic(monkeypatch, name):
+    monkeypatch.setenv(backend.ENV_VAR, name)
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     module = _cbam(64, torch.float16).to(memory_format=torch.channels_last)
     x = rand_full((8, 64, 28, 28), torch.float16, "cl")
@@ -317,9 +326,11 @@ def test_cbam_backward_is_deterministic(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(first, run))
 
 
-@needs_gpu
-def test_cuda_graph_capture_and_replay(monkeypatch):
-    monkeypatch.setenv(backend.ENV_VAR, "cuda")
+@pytest.mark.parametrize("name", kernel_backends_on_gpu())
+def test_cuda_graph_capture_and_replay(monkeypatch, name):
+    """A training step of CBAM (BatchNorm statistics updated in-kernel) captured in a CUDA graph
+    and replayed on new inputs: nothing in the op path reads a value back to the host."""
+    monkeypatch.setenv(backend.ENV_VAR, name)
     shape = (4, 32, 14, 14)
     module = _cbam(32, torch.float32)
     eager = _cbam(32, torch.float32)
@@ -349,6 +360,38 @@ def test_cuda_graph_capture_and_replay(monkeypatch):
         got = [y, x.grad] + [p.grad for p in module.parameters()]
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", kernel_backends_on_gpu())
+def test_compile_reduce_overhead(monkeypatch, name):
+    """torch.compile(mode="reduce-overhead") (CUDA graphs) of a CBAM training step and of its
+    inference matches eager, BatchNorm running statistics included."""
+    monkeypatch.setenv(backend.ENV_VAR, name)
+    torch._dynamo.reset()
+    eager, compiled_module = _cbam(32, torch.float32), _cbam(32, torch.float32)
+    compiled = torch.compile(compiled_module, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):
+        x = torch.randn(4, 32, 14, 14, device=DEVICE)
+        gy = torch.randn_like(x)
+        got = _grads_of(compiled, compiled_module, x, gy)
+        for a, b in zip(got, _grads(eager, x, gy)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(compiled_module.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b)
+    for module in (eager, compiled_module):
+        module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def _grads_of(fn, module, x, gy):
+    """y and the gradients of x and of ``module``'s parameters, y = fn(x) (clones: a CUDA
+    graph's outputs are overwritten by its next replay)."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    y = fn(x)
+    y.backward(gy)
+    return [t.clone() for t in [y, x.grad] + [p.grad for p in module.parameters()]]
 
 
 @needs_gpu
