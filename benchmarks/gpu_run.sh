@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should run, in one call (works offline, torch already installed):
-#   bash benchmarks/gpu_run.sh [tests|bench|all]      results under ${OUT:-.benchmarks/gpu}
+#   bash benchmarks/gpu_run.sh [tests|bench|sanitize|all]   results under ${OUT:-.benchmarks/gpu}
 # tests: build the extension, print the backends, run the whole test suite on the GPU.
 # bench: the launch table, the default benchmark suite (host time per call included), then the
 #        report (results.md + charts, README section).
+# sanitize: benchmarks/gpu_sanitize.sh (compute-sanitizer, > 2^31 elements, CUDA graphs,
+#        determinism; under 10 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-all}"
@@ -24,4 +26,7 @@ if [[ "$stage" == bench || "$stage" == all ]]; then
   tail -5 "$out/bench.log"
   python benchmarks/report.py "$out/results.json" --out "$out" --readme README.md
   cat "$out/results.md"
+fi
+if [[ "$stage" == sanitize || "$stage" == all ]]; then
+  bash benchmarks/gpu_sanitize.sh
 fi

@@ -1,0 +1,30 @@
+"""``benchmarks/gpu_checks.py``, the GPU checks of the sanitizer round, as far as they go without
+a GPU: the command line, the skip without a GPU, and the determinism check on the CPU (the
+``torch`` backend, a small image). On a GPU, ``benchmarks/gpu_sanitize.sh`` runs them all."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
+from benchmarks import gpu_checks  # noqa: E402
+
+
+def test_unknown_check_is_an_error():
+    with pytest.raises(SystemExit):
+        gpu_checks.main(["no-such-check"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the checks run instead")
+def test_skips_without_a_gpu(capsys):
+    assert gpu_checks.main([]) == 0
+    assert "skipped, no GPU" in capsys.readouterr().out
+
+
+def test_determinism_on_the_cpu(monkeypatch, capsys):
+    monkeypatch.setattr(gpu_checks, "IMAGE", (2, 3, 32, 32))
+    assert gpu_checks.main(["determinism", "graph", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "determinism  torch   ok" in out and "graph        torch   skipped" in out

@@ -1,0 +1,97 @@
+"""Every kernel compiled for sm_80, sm_86, sm_89 and sm_90 without a GPU: no register spills, no
+local memory.
+
+``benchmarks/offline_compile.py`` compiles each Triton specialisation that the modules launch
+(captured from the modules themselves by ``benchmarks/kernel_specs.py``: its workloads go
+through the same launch plans as on a GPU) with Triton's compiler, and ``csrc/passes.cu`` with
+``nvcc -Xptxas -v``, for each target, then reads ptxas's report and the SASS. Results are cached
+under ``build/offline_compile/``; a cold run compiles ~130 Triton kernels and csrc four times,
+one process per core (about 75 s on two cores). ``-s`` prints the table (registers, spills,
+stack, shared memory, resident programs per SM, global-load widths in the hot loops)::
+
+    python -m pytest tests/test_offline_compile.py -s      # or python benchmarks/compile_report.py
+
+Skipped when nvcc or cuobjdump is missing (set CUDA_HOME).
+"""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks/ is not installed
+from benchmarks import compile_report, offline_compile  # noqa: E402
+
+MISSING = offline_compile.missing_tools()
+if MISSING:
+    pytest.skip(f"{', '.join(MISSING)} not found (set CUDA_HOME)", allow_module_level=True)
+
+BACKENDS = ("triton", "cuda")
+# Spills this test found with the CI toolchain (Triton 3.8, CUDA 13.0), reported and not fixed
+# yet: (backend, target, kernel, specialisation). Each makes its test case xfail; any other spill
+# in that case still fails it.
+KNOWN_SPILLS = {
+    # grad_input with the parameter-gradient tail, official CBAM, bf16 NCHW 64x2048x7x7:
+    # 32 B spilled (16 LDL/STL) at 80 registers, sm_80 only.
+    ("triton", 80, "_gate_kernel", "bf16 HAS_CA HAS_SA HAS_GP HAS_GA HAS_GM BLOCK_C=64 BLOCK_HW=64 "
+     "CHANNEL HAS_B1 HAS_B2 SPATIAL HAS_BN_W HAS_BN_B T_BLOCK_C=16 T_BLOCK_R=128 PBLOCK=1024 "
+     "TBLOCK=128"),
+    # Outer reductions (the channels_last pool over H*W, grad_channel in channels_last and
+    # grad_spatial in NCHW): 8 B spilled inside the loop at 32-48 registers, sm_80 only (ptxas's
+    # choice: with -maxrregcount=64 three of the four do not spill).
+    ("cuda", 80, "reduce_outer_kernel", "<false, 1, XCa<float, 1, true> >"),
+    ("cuda", 80, "reduce_outer_kernel", "<false, 2, Gx1X<float, 2, true> >"),
+    ("cuda", 80, "reduce_outer_kernel", "<false, 4, GyXCa<__half, 4, false> >"),
+    ("cuda", 80, "reduce_outer_kernel", "<false, 4, GyXCa<__nv_bfloat16, 4, false> >"),
+    # apply_gates, float16 NCHW, 16-byte path: 8 B spilled at 40 registers, sm_90 only.
+    ("cuda", 90, "elementwise_kernel", "<8, ApplyGates<__half, 8, false> >"),
+}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Every kernel for every target (compiled now or cached); prints the table."""
+    results = offline_compile.compile_all()
+    print("\n" + compile_report.table(results))
+    return results
+
+
+@pytest.mark.parametrize("arch", offline_compile.ARCHS, ids=lambda a: f"sm_{a}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_spills_and_no_local_memory(compiled, backend, arch):
+    offenders = {(backend, arch, c.kernel, c.variant):
+                 f"{c.kernel} {c.variant} ({c.origin or 'csrc'}): {c.registers} registers, "
+                 f"{c.spill_stores} B spill stores, {c.spill_loads} B spill loads, "
+                 f"{c.stack} B stack, {c.local_accesses} LDL/STL"
+                 for c in compiled if c.backend == backend and c.arch == arch and
+                 (c.spill_stores or c.spill_loads or c.stack or c.local_accesses)}
+    unexpected = [text for key, text in offenders.items() if key not in KNOWN_SPILLS]
+    assert not unexpected, "\n".join(unexpected)
+    known = sorted(key for key in offenders if key in KNOWN_SPILLS)
+    if known:
+        pytest.xfail("known spills: " + "; ".join(offenders[key] for key in known))
+
+
+def test_every_kernel_is_compiled_for_every_target(compiled):
+    """Every Triton kernel of the two kernel modules is launched by the workloads, and every
+    kernel template of csrc/passes.cuh is instantiated; each for every target."""
+    from cbam_kernels import gate_math_triton, passes_triton
+    triton_kernels = {name for module in (passes_triton, gate_math_triton)
+                      for name in vars(module) if name.endswith("_kernel")}
+    csrc_kernels = set(re.findall(r"__global__ void __launch_bounds__\(kThreads\)\s+(\w+)\(",
+                                  (REPO / "csrc" / "passes.cuh").read_text()))
+    for backend, expected in (("triton", triton_kernels), ("cuda", csrc_kernels)):
+        for arch in offline_compile.ARCHS:
+            assert {c.kernel for c in compiled if c.backend == backend and c.arch == arch} == \
+                expected, (backend, arch)
+
+
+def test_the_sass_was_read(compiled):
+    """Every kernel loads from global memory, and the full-size passes of the channels_last
+    float16 workload read x 16 bytes at a time (the table's load widths are not empty)."""
+    assert all(c.loads_in_loops or c.loads_elsewhere for c in compiled)
+    headline = [c for c in compiled if c.kernel in ("_reduce_kernel", "_gate_kernel") and
+                "fp16 cl 64x256x56x56" in c.origin]
+    assert headline and all(128 in {**c.loads_in_loops, **c.loads_elsewhere} for c in headline)
