@@ -19,6 +19,8 @@ Environment switches, read when this file runs:
                              on PATH or /usr/local/cuda, whichever has the CUDA headers
 """
 
+import glob
+import json
 import os
 import shutil
 import sys
@@ -74,20 +76,37 @@ def cuda_extension():
     return [ext], {"build_ext": BuildExtension}
 
 
+def record_build(built: bool, why: str) -> None:
+    """Write cbam_kernels/build_info.json (what this install built, for which architectures,
+    or why not: ``describe_backends()`` reports it, since pip hides this script's output), and
+    without a build remove a _C left in the source tree by an earlier one."""
+    info = {"built": built, "why": why,
+            "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS) if built else None}
+    with open(os.path.join("cbam_kernels", "build_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    if not built:
+        for stale in glob.glob(os.path.join("cbam_kernels", "_C.*")):
+            os.remove(stale)
+    print(f"cbam_kernels: {why}", file=sys.stderr)
+
+
 def extensions():
     if BUILD_CUDA not in ("auto", "1", "0"):
         raise SystemExit(f"CBAM_KERNELS_BUILD_CUDA={BUILD_CUDA!r}: use auto, 1 or 0")
     if BUILD_CUDA == "0":
-        print("cbam_kernels: installing pure Python (CBAM_KERNELS_BUILD_CUDA=0)", file=sys.stderr)
+        record_build(False, "installed without cbam_kernels._C (CBAM_KERNELS_BUILD_CUDA=0)")
         return [], {}
     try:
-        return cuda_extension()
+        ext_modules, cmdclass = cuda_extension()
     except RuntimeError as err:
         if BUILD_CUDA == "1":
             raise SystemExit(f"cbam_kernels: CBAM_KERNELS_BUILD_CUDA=1 but {err}")
-        print(f"cbam_kernels: installing pure Python, without cbam_kernels._C: {err}",
-              file=sys.stderr)
+        record_build(False, f"installed without cbam_kernels._C: {err}")
         return [], {}
+    import torch
+    record_build(True, f"cbam_kernels._C built with torch {torch.__version__}, "
+                       f"nvcc of {os.environ['CUDA_HOME']}")
+    return ext_modules, cmdclass
 
 
 ext_modules, cmdclass = extensions()
@@ -99,12 +118,16 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cbam_kernels", "cbam_kernels.*"]),
+    package_data={"cbam_kernels": ["build_info.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "torchvision", "timm"],
+        "test": ["pytest", "pytest-benchmark", "torchvision", "timm", "onnx", "onnxscript",
+                 "onnxruntime", "grad-cam", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "torchvision"],
+        "export": ["onnx", "onnxscript", "onnxruntime"],
+        "plot": ["matplotlib"],
     },
 )

@@ -8,7 +8,8 @@ Run it and turn the results into a report::
 Ops (one file each): CBAM, channel gate, spatial gate, SE; ``test_bench_host.py`` times the host
 work of one call (CBAM and SE on a tiny input); ``test_bench_resnet.py`` times whole ResNet-50s. Providers: ``eager`` (the reference modules of ``cbam_kernels.reference``),
 ``compile`` (``torch.compile(reference, dynamic=False)``), ``triton`` and ``cuda`` (our modules
-forced onto that backend), ``torch`` (ours on the plain-PyTorch backend, the CPU provider).
+forced onto that backend), ``torch`` (ours on the plain-PyTorch backend, the CPU provider) and
+``torch+compile`` (that, under ``torch.compile(dynamic=False)``).
 
 Default run (CUDA): the four ResNet-50 stage shapes (256,56,56) (512,28,28) (1024,14,14)
 (2048,7,7) at batch 64, fp16, NCHW and channels_last, forward / backward / forward+backward,
@@ -19,9 +20,11 @@ the VGG16 block-end shapes too, and fp32/fp16/bf16 (hours: mostly torch.compile)
 Options (each also read from the environment variable in brackets; the option wins):
 
   --bench-full                 [CBAM_BENCH_FULL=1]   the full product above
-  --bench-device=cuda|cpu      [CBAM_BENCH_DEVICE]   cpu: providers eager,torch, shapes
+  --bench-device=cuda|cpu      [CBAM_BENCH_DEVICE]   cpu: providers eager,compile,torch,
+                                                     torch+compile, shapes
                                                      "small", batch 8, fp32, 10 rounds
-  --bench-providers=LIST       [CBAM_BENCH_PROVIDERS] eager,compile,triton,cuda,torch
+  --bench-providers=LIST       [CBAM_BENCH_PROVIDERS] eager,compile,triton,cuda,torch,
+                                                      torch+compile
   --bench-batches=LIST         [CBAM_BENCH_BATCHES]  e.g. 32,128
   --bench-shapes=LIST          [CBAM_BENCH_SHAPES]   resnet50, vgg16, small, tiny or CxHxW
   --bench-dtypes=LIST          [CBAM_BENCH_DTYPES]   fp32,fp16,bf16

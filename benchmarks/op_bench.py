@@ -15,8 +15,8 @@
   (None), nor one that failed to compile (None, with ``compile_error``);
 * ``peak_mem_bytes`` (forward+backward on CUDA): peak allocation of one call beyond its inputs;
 * ``launches``: the kernels one call launches (``launches.py``: Triton launches, ops of the C++
-  extension and ATen ops that run on the device), with ``launch_names``; None for ``compile``
-  (the compiled graph launches its own kernels).
+  extension and ATen ops that run on the device), with ``launch_names``; None for the compiled
+  providers (the compiled graph launches its own kernels).
 """
 
 from typing import Callable, Dict, Hashable, List, Optional
@@ -29,7 +29,7 @@ from cbam_kernels import available_backends
 
 from . import traffic
 from .launches import Launches, count_launches
-from .suite import BASELINES, OpCase, Settings
+from .suite import BASELINES, COMPILED, OpCase, Settings, backend_of
 from .timing import (Workload, copy_bandwidth, device_clock, median_seconds,
                      peak_memory_bytes)
 from .workloads import CompileCache, build_module, forced_backend, make_workload
@@ -61,12 +61,14 @@ class BenchState:
         return self._copy_bandwidth
 
     def workload(self, case: OpCase) -> Workload:
-        """The case's workload; for ``compile``, compiled and run once (raises CompileFailed)."""
-        if case.provider != "compile":
+        """The case's workload; for a compiled provider, compiled and run once (raises
+        CompileFailed)."""
+        if case.provider not in COMPILED:
             module = build_module(case)
             return make_workload(case, module, module)
         return self.compiled_workload(
-            case.key, case.module_key, build=lambda: build_module(case),
+            (case.key, case.provider), (case.module_key, case.provider),
+            build=lambda: build_module(case),
             make=lambda compiled, module: make_workload(case, compiled, module))
 
     def compiled_workload(self, error_key: Hashable, module_key: Hashable,
@@ -107,10 +109,11 @@ def unavailable_reason(case: OpCase) -> str:
     """Why ``case``'s provider cannot run here ('' when it can)."""
     if case.provider in BASELINES:
         return ""
-    status = available_backends().get(case.provider, "not a backend of this cbam_kernels build")
+    name = backend_of(case.provider)
+    status = available_backends().get(name, "not a backend of this cbam_kernels build")
     if status != "available":
         return f"{case.provider} backend unavailable: {status}"
-    if case.provider != "torch" and case.device != "cuda":
+    if name != "torch" and case.device != "cuda":
         return f"the {case.provider} backend runs on CUDA tensors only"
     return ""
 
@@ -130,7 +133,7 @@ def benchmark_op(benchmark, case: OpCase, state: BenchState) -> None:
         benchmark.pedantic(workload.run, setup=workload.setup, rounds=state.settings.rounds,
                            warmup_rounds=state.settings.warmup_rounds)
         peak = peak_memory_bytes(workload, state.device) if case.pass_name == "fwd+bwd" else None
-        launches = None if case.provider == "compile" else workload_launches(workload)
+        launches = None if case.provider in COMPILED else workload_launches(workload)
     if benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
         return
     seconds = benchmark.stats.stats.median
@@ -171,6 +174,8 @@ def op_metrics(case: OpCase, seconds: float, state: BenchState,
     for baseline in BASELINES:
         base = seconds if baseline == case.provider else state.median(case.with_provider(baseline))
         info[f"speedup_vs_{baseline}"] = None if base is None else base / seconds
-    if case.key in state.compile_errors:
-        info["compile_error"] = state.compile_errors[case.key]
+    errors = [state.compile_errors[case.key, p] for p in COMPILED
+              if (case.key, p) in state.compile_errors]
+    if errors:
+        info["compile_error"] = "; ".join(errors)
     return info

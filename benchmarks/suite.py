@@ -15,9 +15,11 @@ import torch
 Shape = Tuple[int, int, int]
 
 PASSES = ("forward", "backward", "fwd+bwd")
-PROVIDERS = ("eager", "compile", "triton", "cuda", "torch")
+PROVIDERS = ("eager", "compile", "triton", "cuda", "torch", "torch+compile")
 #: Providers that run the eager reference modules; the others run ours on that backend.
 BASELINES = ("eager", "compile")
+#: Providers timed under ``torch.compile``: the reference's, and ours on the torch backend.
+COMPILED = ("compile", "torch+compile")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 SHAPE_SETS: Dict[str, Tuple[Shape, ...]] = {
@@ -32,7 +34,7 @@ DEFAULTS = {
     "cuda": dict(providers="eager,compile,triton,cuda", batches="64", shapes="resnet50",
                  dtypes="fp16", formats="nchw,nhwc", passes="forward,backward,fwd+bwd",
                  rounds="100", compile_backend="inductor"),
-    "cpu": dict(providers="eager,torch", batches="8", shapes="small", dtypes="fp32",
+    "cpu": dict(providers="eager,compile,torch,torch+compile", batches="8", shapes="small", dtypes="fp32",
                 formats="nchw,nhwc", passes="forward,backward,fwd+bwd", rounds="10",
                 compile_backend="inductor"),
 }
@@ -47,8 +49,13 @@ OPTIONS = {
     "formats": f"comma list of {', '.join(FORMATS)} (nhwc = channels_last)",
     "passes": f"comma list of {', '.join(PASSES)}",
     "rounds": "timed rounds per case (warm-up: a tenth of it, at least 1)",
-    "compile_backend": "torch.compile backend of the compile provider",
+    "compile_backend": "torch.compile backend of the compiled providers",
 }
+
+
+def backend_of(provider: str) -> str:
+    """The ``CBAM_KERNELS_BACKEND`` a provider of ours runs on (``torch+compile``: torch)."""
+    return provider.split("+")[0]
 
 
 class SettingsError(ValueError):
@@ -201,13 +208,13 @@ HOST_ITERATIONS = 50
 
 def host_cases(settings: Settings) -> List[OpCase]:
     """Host-time cases: CBAM and SE at HOST_SHAPE in float32, NCHW, in the run's passes but
-    backward alone (forward and forward+backward), for every provider of the run but
-    ``compile`` (whose compiled graph hides the module's own host work)."""
+    backward alone (forward and forward+backward), for every provider of the run but the
+    compiled ones (whose compiled graph hides the module's own host work)."""
     batch, *shape = HOST_SHAPE
     return [OpCase(op, provider, pass_name, batch, tuple(shape), "fp32", "nchw",
                    settings.device)
             for op in HOST_OPS for pass_name in settings.passes if pass_name != "backward"
-            for provider in settings.providers if provider != "compile"]
+            for provider in settings.providers if provider not in COMPILED]
 
 
 #: Model variants: name -> (attention, reference modules).

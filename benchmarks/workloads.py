@@ -13,7 +13,6 @@ L2 cache several times, so no round reads its inputs from cache.
 
 import itertools
 import math
-import os
 from contextlib import contextmanager
 from typing import Callable, Hashable, Iterator, List, Optional, Tuple
 
@@ -21,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate, reference
-from cbam_kernels.backend import ENV_VAR, forget_choices
+from cbam_kernels.backend import forced
 
-from .suite import BASELINES, OpCase
+from .suite import BASELINES, OpCase, backend_of
 from .timing import Workload
 
 REDUCTION = 16
@@ -69,17 +68,8 @@ def forced_backend(provider: str) -> Iterator[None]:
     if provider in BASELINES:
         yield
         return
-    previous = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = provider
-    forget_choices()
-    try:
+    with forced(backend_of(provider)):
         yield
-    finally:
-        if previous is None:
-            del os.environ[ENV_VAR]
-        else:
-            os.environ[ENV_VAR] = previous
-        forget_choices()
 
 
 class CompileCache:

@@ -3,10 +3,15 @@
 Drop-in ``nn.Module``s whose full-size work runs as a few memory-bound passes (Triton or CUDA C++
 kernels on CUDA, plain PyTorch elsewhere), registered as ``torch.library`` custom ops so that
 ``torch.compile(fullgraph=True)`` runs them without graph breaks. ``convert`` swaps them into
-existing timm / torchvision / official-CBAM models; ``models`` builds ResNet and VGG with them.
+existing timm / torchvision / official-CBAM models, ``revert`` back; ``models`` builds ResNet and
+VGG with them.
+Models holding them export (``torch.export``, ONNX) to standard operators;
+``capture_attention`` records the maps each attention module applies, ``plot_spatial_maps``
+draws them.
 """
 
 from . import finetune, models
+from .attention_maps import AttentionMaps, capture_attention
 from .backend import available_backends, backend_for, describe_backends
 from .cbam import CBAM
 from .channel_gate import ChannelGate
@@ -14,10 +19,14 @@ from .convert import ConversionSummary, convert
 from .finetune import param_groups, unfreeze
 from .gate_op import attention_gate
 from .models import add_attention
+from .plotting import plot_spatial_maps
+from .revert import revert
 from .se import SE
 from .spatial_gate import SpatialGate
 
 __all__ = ["CBAM", "ChannelGate", "SpatialGate", "SE", "attention_gate", "convert",
-           "ConversionSummary", "add_attention", "models", "finetune", "param_groups", "unfreeze",
-           "available_backends", "backend_for", "describe_backends"]
+           "ConversionSummary", "revert", "add_attention", "models", "finetune", "param_groups",
+           "unfreeze",
+           "available_backends", "backend_for", "describe_backends", "capture_attention",
+           "AttentionMaps", "plot_spatial_maps"]
 __version__ = "0.1.0"

@@ -20,11 +20,14 @@ lookup per call): after changing the variable at run time, call :func:`forget_ch
 ``pipeline_kernels.KernelPipeline`` over the backend's passes).
 """
 
+import contextlib
 import functools
 import importlib
+import importlib.util
+import json
 import os
 import sys
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -33,6 +36,7 @@ from . import pipeline_torch
 BACKENDS = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "CBAM_KERNELS_BACKEND"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BUILD_INFO = os.path.join(os.path.dirname(__file__), "build_info.json")  # written by setup.py
 
 # Kernel backends by measured speed, fastest first, per compute capability (None: any other
 # GPU). Neither kernel backend has been benchmarked on a GPU yet, so Triton, the default, stays
@@ -52,24 +56,30 @@ def requested_backend() -> str:
 
 
 def triton_unavailable_reason() -> str:
-    """Why the Triton backend cannot run here, or '' when it can."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as err:
-        return f"triton is not importable ({err})"
-    if not torch.cuda.is_available() and not _interpreted():
-        return "no CUDA device (and TRITON_INTERPRET is not set)"
-    return ""
+    """Why the Triton backend cannot run here, or '' when it can (does not import triton, so
+    that TRITON_INTERPRET can still be set afterwards)."""
+    if "triton" not in sys.modules and importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if torch.cuda.is_available() or _interpreted():
+        return ""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return ("no CUDA device, and TRITON_INTERPRET=1 was set after triton was imported (the "
+                "interpreter must be chosen before the first import of triton)")
+    return "no CUDA device (and TRITON_INTERPRET is not set)"
 
 
 def _interpreted() -> bool:
-    """Whether the Triton kernels run in Triton's interpreter. That is fixed when
-    ``passes_triton`` is first imported (by TRITON_INTERPRET=1 at that moment); until then the
-    environment variable tells."""
-    module = sys.modules.get(f"{__package__}.passes_triton")
-    if module is None:
+    """Whether the Triton kernels run in Triton's interpreter. Triton decides when it is first
+    imported (TRITON_INTERPRET=1 at that moment interprets its own library functions, which
+    every kernel calls), and ``passes_triton`` when it is; until then the environment
+    variable tells."""
+    if "triton" not in sys.modules:
         return os.environ.get("TRITON_INTERPRET") == "1"
-    return module.INTERPRETED
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+    module = sys.modules.get(f"{__package__}.passes_triton")
+    return (isinstance(standard.sigmoid, InterpretedFunction)
+            and (module is None or module.INTERPRETED))
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,6 +165,24 @@ def forget_choices() -> None:
     _choose_cached.cache_clear()
 
 
+@contextlib.contextmanager
+def forced(name: str) -> Iterator[None]:
+    """Meanwhile, the fused modules run on backend ``name`` (``CBAM_KERNELS_BACKEND`` set in
+    this process's environment; the cached choices dropped on entry and on exit, so that the
+    variable as it was applies again afterwards). Not for concurrent use from threads."""
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = name
+    forget_choices()
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = previous
+        forget_choices()
+
+
 def backend_for(x: torch.Tensor) -> str:
     """The backend that runs the passes for tensor ``x``: 'cuda', 'triton' or 'torch' (a
     dictionary lookup per call once the choice for its device and dtype is made)."""
@@ -195,6 +223,20 @@ def available_backends() -> Dict[str, str]:
             "torch": "available"}
 
 
+def extension_build() -> str:
+    """What the last ``pip install`` of this package did about ``cbam_kernels._C``: built (for
+    which architectures, with which torch) or not, and why (from ``build_info.json``, which
+    setup.py writes)."""
+    try:
+        with open(BUILD_INFO) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return "no record of an install by setup.py (build_info.json is missing)"
+    if info["built"]:
+        return f"{info['why']}, for TORCH_CUDA_ARCH_LIST={info['arch_list']}"
+    return info["why"]
+
+
 def describe_backends() -> str:
     """A report: which backends are available (or why not), and which one runs the passes of
     every op (CBAM, SE, ChannelGate, SpatialGate, forward and backward) for each device and
@@ -202,6 +244,7 @@ def describe_backends() -> str:
     name = requested_backend()
     lines = [f"cbam_kernels backends ({ENV_VAR}={name}):"]
     lines += [f"  {b:<7} {r}" for b, r in available_backends().items()]
+    lines.append(f"Extension: {extension_build()}")
     lines.append("Backend of every pass of every op, by the device and dtype of its input x:")
     devices = [("cpu", torch.device("cpu"))]
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):

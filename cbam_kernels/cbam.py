@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from .channel_gate import POOL_TYPES, ChannelGate, check_style
 from .gate_math import GateParams
-from .gating import apply_attention, check_input
+from .gating import apply_attention, check_input, refuse_scripting
 from .spatial_gate import SpatialGate
 
 
@@ -32,6 +32,8 @@ class CBAM(nn.Module):
     timm: ``channel.fc1.weight``, ``channel.fc2.weight``, ``spatial.conv.conv.weight``,
     ``spatial.conv.bn.*``.
     """
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(self, channels: int, reduction: float = 16, kernel_size: int = 7,
                  pool_types: Sequence[str] = POOL_TYPES, no_spatial: bool = False,

@@ -5,10 +5,12 @@ from typing import Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from .gate_math import ACTIVATIONS, GATES, GateConfig, GateParams
-from .gating import apply_attention, check_input
+from .gating import apply_attention, check_input, refuse_scripting
+from .mlp_layers import add_layers, get_layer, layer_paths
 
 STYLES = ("official", "timm")
 POOL_TYPES = ("avg", "max")
+LAYERS = {"official": (("mlp.1", "mlp.3"), True), "timm": (("fc1", "fc2"), False)}
 
 
 def hidden_width(channels: int, reduction: float, style: str) -> int:
@@ -45,12 +47,20 @@ class ChannelGate(nn.Module):
         bias: MLP biases; default True for "official", False for "timm".
         act: the MLP's hidden activation, "relu" (CBAM, SE) or "silu" (EfficientNet's SE).
         gate: "sigmoid", or "hardsigmoid" (MobileNetV3's SE).
+        layers: the names of the MLP's two layers, overriding the style's: two attributes
+            (``("conv_reduce", "conv_expand")``) or two indices into one Sequential
+            (``("fc.0", "fc.2")``), see :mod:`cbam_kernels.mlp_layers`.
+        linear: ``nn.Linear`` layers (weights (R, C) and (C, R)) rather than 1x1 convs;
+            default: the style's.
     """
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(self, channels: int, reduction: float = 16,
                  pool_types: Sequence[str] = POOL_TYPES, style: str = "official",
                  hidden_channels: Optional[int] = None, bias: Optional[bool] = None,
-                 act: str = "relu", gate: str = "sigmoid"):
+                 act: str = "relu", gate: str = "sigmoid",
+                 layers: Optional[Sequence[str]] = None, linear: Optional[bool] = None):
         super().__init__()
         self.style = check_style(style)
         if act not in ACTIVATIONS or gate not in GATES:
@@ -67,24 +77,31 @@ class ChannelGate(nn.Module):
         self._configs = {True: config, False: config._replace(max_first=False)}
         hidden = hidden_channels or hidden_width(channels, reduction, style)
         bias = style == "official" if bias is None else bias
-        if style == "official":
-            self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(channels, hidden, bias=bias),
-                                     nn.ReLU(), nn.Linear(hidden, channels, bias=bias))
+        default_layers, default_linear = LAYERS[style]
+        self._paths = layer_paths(default_layers if layers is None else layers)
+        self.linear = default_linear if linear is None else bool(linear)
+        if self.linear:
+            first, second = nn.Linear(channels, hidden, bias), nn.Linear(hidden, channels, bias)
         else:
-            self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)
-            self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bias)
+            first = nn.Conv2d(channels, hidden, 1, bias=bias)
+            second = nn.Conv2d(hidden, channels, 1, bias=bias)
+        add_layers(self, self._paths, first, second, act)
 
     @property
     def hidden_channels(self) -> int:
         """The MLP's hidden width R."""
         return self.gate_params().w1.shape[0]
 
+    @property
+    def layers(self) -> Tuple[str, str]:
+        """The names of the MLP's two layers (their state_dict key prefixes)."""
+        first, second = self._paths
+        return ".".join(first), ".".join(second)
+
     def _layers(self) -> Tuple[nn.Module, nn.Module]:
         """The MLP's two layers (plain dictionary lookups: this runs on every call)."""
-        if self.style == "official":
-            mlp = self._modules["mlp"]._modules
-            return mlp["1"], mlp["3"]
-        return self._modules["fc1"], self._modules["fc2"]
+        first, second = self._paths
+        return get_layer(self, first), get_layer(self, second)
 
     def gate_params(self) -> GateParams:
         """The MLP's tensors as :class:`~cbam_kernels.gate_math.GateParams` (the Linear
@@ -121,4 +138,6 @@ class ChannelGate(nn.Module):
         return (f"channels={self.channels}, hidden_channels={self.hidden_channels}, "
                 f"pool_types={self.pool_types}, style={self.style!r}"
                 + ("" if (self.act, self.gate) == ("relu", "sigmoid")
-                   else f", act={self.act!r}, gate={self.gate!r}"))
+                   else f", act={self.act!r}, gate={self.gate!r}")
+                + ("" if (self.layers, self.linear) == LAYERS[self.style]
+                   else f", layers={self.layers}, linear={self.linear}"))

@@ -7,10 +7,13 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import backend
+from .adopt import adopt_tensors
 from .epilogue import FusedResidualBlock, prove_residual
 from .models.attention import accepts_residual
 from .models.resnet import ResidualBlock
-from .recognise import Plan, Unsupported, recognise
+from .recognise import Unsupported, looks_like_attention, recognise
+from .revert import remember, structure
 
 PROBE_SHAPE = (2, 5, 5)  # N, H, W of the float64 input each replacement is checked on
 
@@ -21,7 +24,9 @@ class ConversionSummary:
 
     Attributes:
         replaced: (qualified module name, "original kind -> replacement") per replaced module.
-        skipped: (qualified module name, reason) per CBAM/SE module left in place.
+        skipped: (qualified module name, reason) per attention module left in place: CBAM/SE
+            modules the fused ones cannot reproduce, and modules whose class name says
+            attention but whose structure is none that convert knows.
         fused: qualified names of residual blocks whose attention + add + ReLU now run fused.
     """
 
@@ -43,14 +48,18 @@ def convert(model: nn.Module, *, fuse_epilogue: bool = True,
     """Replace, in place, every CBAM/SE module of ``model`` by its fused equivalent.
 
     Recognised by structure (see :mod:`cbam_kernels.recognise`): the official repository's
-    ``CBAM``, timm's ``CbamModule`` and ``SEModule``, torchvision's ``SqueezeExcitation`` and a
-    plain ``AdaptiveAvgPool2d`` + ``Sequential(Linear, ReLU, Linear, Sigmoid)`` SE block. The
-    replacement takes over the original's parameter and buffer tensors (the same objects where
-    the shapes agree, so optimizers and tied weights stay valid; a Linear weight becomes a new
-    1x1-conv parameter), and keeps its train/eval mode, device, dtype and memory format; state_dict
-    keys stay the same except for the Linear SE block (``fc.0`` / ``fc.2`` -> ``fc1`` / ``fc2``).
-    Modules it cannot reproduce exactly (another activation, gate or pool type, a norm inside
-    the MLP) are left in place and listed with the reason.
+    ``CBAM``; timm's ``CbamModule``, ``ChannelAttn``, ``SpatialAttn``, ``SEModule`` (also in
+    RegNet, NFNet, ...), the EfficientNet / MobileNetV3 ``SqueezeExcite`` and the legacy SENet
+    ``SEModule``; torchvision's ``SqueezeExcitation``; and a plain SE block
+    ``AdaptiveAvgPool2d`` + ``Sequential(Linear or 1x1 conv, act, same, gate)`` (senet.pytorch's
+    ``SELayer``). Activations ReLU or SiLU, gates sigmoid or hard sigmoid (timm's and PyTorch's
+    variants). The replacement holds its parameters and buffers under the original's names (so
+    checkpoints load before and after, ``strict=True``), takes over the original's very tensors
+    (optimizers and tied weights stay valid), and keeps its train/eval mode, device, dtype and
+    memory format. Modules it cannot reproduce exactly (another activation, gate or pool type,
+    a norm inside the MLP, timm's ``EffectiveSEModule``), and modules whose class name says
+    attention but whose structure it does not know (ECA, gather-excite, ...), are left in place
+    and listed with the reason. :func:`~cbam_kernels.revert` undoes the conversion.
 
     Args:
         model: changed in place.
@@ -58,8 +67,9 @@ def convert(model: nn.Module, *, fuse_epilogue: bool = True,
             ``relu(attention(main(x)) + shortcut(x))`` (see :mod:`cbam_kernels.epilogue`) so that
             attention, add and ReLU run as one fused pass.
         verify: check each replacement against the original on a small float64 probe input, in
-            training and in eval mode (on CPU copies), and leave the original in place if they
-            differ (not possible, so not done, for modules on the meta device).
+            training and in eval mode (on CPU copies, through the PyTorch backend whatever
+            ``CBAM_KERNELS_BACKEND`` says), and leave the original in place if they differ (not
+            possible, so not done, for modules on the meta device).
 
     Returns:
         (model, summary): ``model`` is the same object unless the model itself is a CBAM/SE
@@ -77,7 +87,7 @@ def convert(model: nn.Module, *, fuse_epilogue: bool = True,
 def _convert_tree(module: nn.Module, name: str, summary: ConversionSummary,
                   verify: bool) -> nn.Module:
     """``module`` with its CBAM/SE modules replaced (itself, if it is one, or its descendants)."""
-    if accepts_residual(module):
+    if accepts_residual(module):  # already fused
         return module
     try:
         plan = recognise(module)
@@ -85,44 +95,24 @@ def _convert_tree(module: nn.Module, name: str, summary: ConversionSummary,
         summary.skipped.append((name, str(reason)))
         return module
     if plan is None:
+        listed = len(summary.replaced) + len(summary.skipped)
         for child_name, child in list(module.named_children()):
             new = _convert_tree(child, f"{name}.{child_name}" if name else child_name, summary,
                                 verify)
             if new is not child:
                 setattr(module, child_name, new)
+        if looks_like_attention(module) and len(summary.replaced) + len(summary.skipped) == listed:
+            summary.skipped.append((name, f"{type(module).__name__} looks like attention but is "
+                                          "none of the CBAM/SE structures convert knows"))
         return module
-    new = _adopt(plan)
+    new = adopt_tensors(plan.module, module)
     mismatch = _probe(module, new, plan.channels) if verify else None
     if mismatch:
         summary.skipped.append((name, f"{plan.kind}: {mismatch}"))
         return module
+    remember(new, structure(module))
     summary.replaced.append((name, f"{plan.kind} -> {type(new).__name__}"
                                    f"({new.extra_repr()})"))
-    return new
-
-
-def _adopt(plan: Plan) -> nn.Module:
-    """The plan's module with every parameter and buffer taken over from the original leaves."""
-    new = plan.module
-    missing = {n for n, _ in (*new.named_parameters(), *new.named_buffers())}
-    for qualname, source in plan.sources:
-        target = new.get_submodule(qualname)
-        target.training = source.training
-        for slot, register in ((target._parameters, target.register_parameter),
-                               (target._buffers, target.register_buffer)):
-            for attr, placeholder in list(slot.items()):
-                original = getattr(source, attr)
-                if placeholder is None or original is None:
-                    assert placeholder is None and original is None, f"{qualname}.{attr}"
-                    continue
-                tensor = original
-                if original.shape != placeholder.shape:
-                    tensor = original.detach().reshape(placeholder.shape).clone()
-                    if isinstance(placeholder, nn.Parameter):
-                        tensor = nn.Parameter(tensor, requires_grad=original.requires_grad)
-                register(attr, tensor)
-                missing.discard(f"{qualname}.{attr}")
-    assert not missing, f"no source for {sorted(missing)}"
     return new
 
 
@@ -139,8 +129,11 @@ def _probe(original: nn.Module, new: nn.Module, channels: int) -> Optional[str]:
     for training in (True, False):
         a, b = (copy.deepcopy(m).to("cpu", torch.float64).train(training)
                 for m in (original, new))
-        with torch.no_grad():
-            error = (a(x) - b(x)).abs().max().item()
+        try:  # on the torch backend: a forced kernel backend takes no float64 CPU tensors
+            with torch.no_grad(), backend.forced("torch"):
+                error = (a(x) - b(x)).abs().max().item()
+        except Exception as err:  # noqa: BLE001 - a module that fails on the probe stays
+            return f"fails on a {tuple(x.shape)} probe input ({type(err).__name__}: {err})"
         if not error <= tolerance:
             mode = "training" if training else "eval"
             return f"outputs differ from the fused module's in {mode} mode (max |diff| {error:.3g})"
@@ -158,6 +151,7 @@ def _fuse(model: nn.Module, name: str, summary: ConversionSummary) -> nn.Module:
     if recipe is None:
         return model
     fused = FusedResidualBlock(block, recipe)
+    remember(fused, block)
     summary.fused.append(name)
     if not name:
         return fused

@@ -123,27 +123,29 @@ def gate_grad_from_output(g: Tensor, kind: str) -> Tensor:
 def mlp_forward(pooled: Tensor, k: int, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
                 b2: Optional[Tensor], act: str = "relu",
                 keep: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
-    """Shared MLP over the pooled vectors of ``k`` pool types, as 1x1 convolutions.
+    """Shared MLP over the pooled vectors of ``k`` pool types.
 
-    ``pooled`` is (K * N, C, 1, 1): the (N, C) vectors of the pool types, stacked; the weights
-    are (R, C) and (C, R) matrices or (R, C, 1, 1) and (C, R, 1, 1) 1x1-conv kernels. Returns
-    the channel logits ``z = sum_k (W2 act(W1 v_k + b1) + b2)`` (N, C, 1, 1) -- the output bias
-    counts once per pool type, as in the official CBAM -- and, with ``keep``, the hidden
-    pre-activations (K * N, R, 1, 1) for :func:`mlp_backward` (else None: the activation runs in
+    ``pooled`` is (K * N, C): the (N, C) vectors of the pool types, stacked; the weights are
+    (R, C) and (C, R) matrices or (R, C, 1, 1) and (C, R, 1, 1) 1x1-conv kernels. Returns the
+    channel logits ``z = sum_k (W2 act(W1 v_k + b1) + b2)`` (N, C) -- the output bias counts
+    once per pool type, as in the official CBAM -- and, with ``keep``, the hidden
+    pre-activations (K * N, R) for :func:`mlp_backward` (else None: the activation runs in
     place).
     """
-    hidden = F.conv2d(pooled, _kernel(w1, pooled.dtype), _cast(b1, pooled))
-    out = F.conv2d(activation(hidden, act, inplace=not keep), _kernel(w2, pooled.dtype),
-                   _cast(b2, pooled))
-    z = out.view(k, -1, *out.shape[1:]).sum(dim=0) if k > 1 else out
+    hidden = _layer(pooled, w1, b1)
+    out = _layer(activation(hidden, act, inplace=not keep), w2, b2)
+    z = out.view(k, -1, out.shape[1]).sum(dim=0) if k > 1 else out
     return z, (hidden if keep else None)
 
 
-def _kernel(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """An MLP weight as a 1x1-conv kernel (O, I, 1, 1) of ``dtype``."""
-    if weight.dim() == 2:
-        weight = weight.view(weight.shape[0], weight.shape[1], 1, 1)
-    return weight if weight.dtype == dtype else weight.to(dtype)
+def _layer(v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """One MLP layer on rows ``v`` (M, I): a Linear weight (O, I) as a matrix product, a 1x1
+    conv kernel (O, I, 1, 1) as the convolution it is (so that autograd returns its gradient
+    in the kernel's own layout, channels_last included, as DDP's gradient buckets expect)."""
+    w = weight if weight.dtype == v.dtype else weight.to(v.dtype)
+    if w.dim() == 2:
+        return F.linear(v, w, _cast(bias, v))
+    return F.conv2d(v[:, :, None, None], w, _cast(bias, v)).flatten(1)
 
 
 def matrix(weight: Tensor) -> Tensor:
@@ -175,9 +177,10 @@ def spatial_forward(p: Tensor, conv_w: Tensor, bn_w: Optional[Tensor], bn_b: Opt
     """conv k x k (2 -> 1, 'same' padding, no bias) -> BatchNorm -> sigmoid.
 
     ``p`` is the pooled map (N, 2, H, W) in the conv weight's channel order. The BatchNorm is
-    PyTorch's own (``torch.native_batch_norm``): with ``bn.batch_stats`` it normalises with the
+    PyTorch's own: with ``bn.batch_stats`` (``torch.native_batch_norm``) it normalises with the
     batch mean and biased variance and, given ``bn.num_batches_tracked``, updates the running
-    statistics exactly as ``nn.BatchNorm2d`` does; otherwise it uses the running statistics.
+    statistics exactly as ``nn.BatchNorm2d`` does; otherwise (``torch.batch_norm``, which
+    exports to ONNX's BatchNormalization) it uses the running statistics and changes nothing.
     Returns the gate ``sa`` (N, H*W), the conv output ``u`` (N, H*W), and with batch statistics
     the batch mean and 1 / sqrt(var + eps) it used, each (1,) (None otherwise).
     """
@@ -192,14 +195,17 @@ def spatial_forward(p: Tensor, conv_w: Tensor, bn_w: Optional[Tensor], bn_b: Opt
     running = (bn.running_mean, bn.running_var) if update or not bn.batch_stats else (None, None)
     mixed = running[0] is not None and running[0].dtype != u.dtype  # a float16 module's buffers
     stats = tuple(r.to(u.dtype) for r in running) if mixed else running
-    v, mean, rstd = torch.native_batch_norm(u, _cast(bn_w, u), _cast(bn_b, u), *stats,
-                                            bn.batch_stats, momentum, bn.eps)
+    if bn.batch_stats:
+        v, mean, rstd = torch.native_batch_norm(u, _cast(bn_w, u), _cast(bn_b, u), *stats, True,
+                                                momentum, bn.eps)
+    else:  # aten::batch_norm, as nn.BatchNorm2d calls it: every ONNX exporter translates it
+        v = torch.batch_norm(u, _cast(bn_w, u), _cast(bn_b, u), *stats, False, 0.0, bn.eps,
+                             torch.backends.cudnn.enabled)
+        mean = rstd = None
     if mixed and update:
         with torch.no_grad():
             for buffer, new in zip(running, stats):
                 buffer.copy_(new)
-    if not bn.batch_stats:
-        mean = rstd = None
     return torch.sigmoid(v).flatten(1), u.flatten(1), mean, rstd
 
 

@@ -19,6 +19,9 @@ How a call runs depends on the backend that ``backend.pipeline_for`` picks for x
   ``gate_backward``, opaque to the compiler (no graph break), with fake implementations; the op
   returns the batch statistics and the running statistics are updated by PyTorch ops that the
   compiler fuses.
+* while exporting (``torch.export``, ``torch.onnx.export`` with either exporter,
+  ``torch.jit.trace``; see :func:`exporting`): ``pipeline_torch.forward`` on every backend, so an
+  exported graph holds standard ATen ops only and translates to standard ONNX operators.
 
 Autograd saves x (and the output, with a residual) plus per-(n, c) and per-(n, h, w) tensors.
 """
@@ -57,7 +60,7 @@ def attention_gate(x: Tensor, residual: Optional[Tensor] = None,
         return _empty_gate(x, residual, params, bn)
     compiling = torch.compiler.is_compiling()
     name = backend.backend_name(x.device, x.dtype) if compiling else backend.backend_for(x)
-    if name == "torch":
+    if name == "torch" or exporting():
         device = "cpu" if x.is_cpu else x.device.type
         if torch.is_autocast_enabled(device):  # the small math stays in float32
             with torch.autocast(device, enabled=False):
@@ -75,6 +78,14 @@ def attention_gate(x: Tensor, residual: Optional[Tensor] = None,
     if torch.is_grad_enabled() and _needs_grad(x, residual, params):
         return _FusedGate.apply(x, residual, *params, pipeline, cfg, bn)
     return pipeline.forward(x, residual, params, cfg, bn)[0]
+
+
+def exporting() -> bool:
+    """Whether the call is being exported rather than run: ``torch.export`` (which the ONNX
+    exporter uses) or TorchScript tracing (``torch.jit.trace``, the legacy ONNX exporter). Then
+    every backend takes the specification's forward, so that the graph holds standard ATen ops
+    only (no custom op, no kernel), whatever the device."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def _empty_gate(x: Tensor, residual: Optional[Tensor], params: GateParams,
@@ -149,8 +160,31 @@ class _FusedGate(torch.autograd.Function):
         x, out, *rest = ctx.saved_tensors
         params = GateParams(*rest[:7])
         channel, spatial = _saved_tuples(rest[7:], params, ctx.cfg)
-        grads = ctx.pipeline.backward(gy, x, out, params, ctx.cfg, ctx.bn, channel, spatial)
-        return (grads.x, grads.residual, *grads.params, None, None, None)
+        with torch.no_grad():
+            grads = ctx.pipeline.backward(gy, x, out, params, ctx.cfg, ctx.bn, channel, spatial)
+        result = (grads.x, grads.residual, *grads.params)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (gy, x, *params)):
+            result = _refuse_double_backward(result)
+        return (*result, None, None, None)
+
+
+DOUBLE_BACKWARD_ERROR = (
+    "double backward (create_graph=True, e.g. a gradient penalty) through the fused attention "
+    "kernels is not supported: their backward is hand-written and not itself differentiable. "
+    "Run the gates in plain PyTorch for this (CBAM_KERNELS_BACKEND=torch, twice "
+    "differentiable), or use the reference modules of cbam_kernels.reference")
+
+
+def _refuse_double_backward(grads: Tuple[Optional[Tensor], ...]) -> Tuple[Optional[Tensor], ...]:
+    """``grads`` as tensors whose own backward raises :data:`DOUBLE_BACKWARD_ERROR` (so that
+    create_graph=True works until something differentiates through them; never a silently
+    missing second-order term)."""
+    present = [g for g in grads if g is not None]
+    error = torch._C._functions.DelayedError(DOUBLE_BACKWARD_ERROR.encode(), len(present))
+    raised = error(*(g.detach().requires_grad_() for g in present))
+    raised = iter(raised if isinstance(raised, tuple) else (raised,))
+    return tuple(None if g is None else next(raised) for g in grads)
 
 
 # ----------------------------------------------------------------------------- custom ops

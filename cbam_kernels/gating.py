@@ -51,3 +51,12 @@ def apply_attention(x: Tensor, residual: Optional[Tensor], params: GateParams,
     if residual is not None:
         check_residual(x, residual)
     return attention_gate(x, residual, params, cfg, bn)
+
+
+def refuse_scripting(module: object) -> None:
+    """The fused modules' ``__prepare_scriptable__``: ``torch.jit.script`` cannot compile a
+    call into the fused kernels, so say what to use instead."""
+    raise RuntimeError(
+        f"torch.jit.script cannot compile {type(module).__name__} (a fused cbam_kernels "
+        "module) and is deprecated: use torch.compile(model) for speed, torch.export.export "
+        "or torch.onnx.export to deploy")

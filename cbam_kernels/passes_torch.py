@@ -87,48 +87,59 @@ def _max_channel(max_first: bool) -> int:
     return 0 if max_first else 1
 
 
-def pool_hw(x: Tensor, with_max: bool, keepdim: bool = False
+def pool_hw(x: Tensor, with_max: bool, with_arg: bool = True
             ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Global pooling over H*W: (mean, max, first arg-max), each (N, C), or (N, C, 1, 1) with
-    ``keepdim``; the max and arg-max are None without ``with_max``. The mean is accumulated in
+    """Global pooling over H*W: (mean, max, first arg-max), each (N, C); the max is None
+    without ``with_max``, the arg-max without it or without ``with_arg`` (then the max takes
+    ``amax``, many times faster on the CPU than a max with indices). The mean is accumulated in
     float32 (pytorch/pytorch#43992).
     """
     if not with_max:
-        return in_acc_dtype(x).mean(dim=(2, 3), keepdim=keepdim), None, None
+        return in_acc_dtype(x).mean(dim=(2, 3)), None, None
     v = _flat(x)
-    mx, arg = v.max(dim=2, keepdim=keepdim)
-    avg = v.mean(dim=2, keepdim=keepdim)
-    if keepdim:
-        return avg.unsqueeze(3), mx.unsqueeze(3), arg.unsqueeze(3)
-    return avg, mx, arg
+    mx, arg = v.max(dim=2) if with_arg else (v.amax(dim=2), None)
+    return v.mean(dim=2), mx, arg
 
 
-def channel_pool(x: Tensor, ca: Optional[Tensor], max_first: bool) -> Tuple[Tensor, Tensor]:
+def channel_pool(x: Tensor, ca: Optional[Tensor], max_first: bool, with_arg: bool = True
+                 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Pool x1 = x * ca over channels: the map p (N, 2, H, W) and the first channel arg-max
-    (N, H, W)."""
-    n, c, h, w = x.shape
-    v = _flat(scale(x, ca, None))
-    mx, arg = v.max(dim=1)
-    mean = v.mean(dim=1)
+    (N, H, W; None without ``with_arg``, the max then taken by ``amax``)."""
+    v = scale(x, ca, None)
+    if with_arg:
+        mx, arg = v.max(dim=1, keepdim=True)
+        arg = arg.squeeze(1)
+    else:
+        mx, arg = v.amax(dim=1, keepdim=True), None
+    mean = v.mean(dim=1, keepdim=True)
     pair = (mx, mean) if max_first else (mean, mx)
-    return torch.stack(pair, dim=1).view(n, 2, h, w), arg.view(n, h, w)
+    return torch.cat(pair, dim=1), arg
 
 
-def scale(x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor]) -> Tensor:
-    """x * ca[n, c] * sa[n, h, w] in the accumulation dtype (either gate may be None)."""
+def scale(x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor], inplace: bool = False
+          ) -> Tensor:
+    """x * ca[n, c] * sa[n, h, w] in the accumulation dtype (either gate may be None).
+    ``inplace``: x is a float32/float64 temporary of the caller's, that may hold the result
+    (no autograd through it; one full-size allocation less)."""
     y = in_acc_dtype(x)
     if ca is not None:
-        y = y * (ca if ca.dim() == 4 else ca.view(ca.shape[0], ca.shape[1], 1, 1))
+        ca = ca if ca.dim() == 4 else ca.view(ca.shape[0], ca.shape[1], 1, 1)
+        y = y.mul_(ca) if inplace else y * ca
     if sa is not None:
-        y = y * sa.view(sa.shape[0], 1, x.shape[2], x.shape[3])
+        sa = sa.view(sa.shape[0], 1, x.shape[2], x.shape[3])
+        fresh = ca is not None and not y.requires_grad  # y * ca above: a temporary of ours
+        y = y.mul_(sa) if inplace or fresh else y * sa
     return y
 
 
-def epilogue(y: Tensor, residual: Optional[Tensor], like: Tensor) -> Tensor:
+def epilogue(y: Tensor, residual: Optional[Tensor], like: Tensor, inplace: bool = False
+             ) -> Tensor:
     """The gated activation ``y`` as the op's output: with ``residual``, the ResNet block
-    epilogue relu(y + residual); in the dtype and memory format of ``like`` (the input x)."""
+    epilogue relu(y + residual); in the dtype and memory format of ``like`` (the input x).
+    ``inplace``: ``y`` is a temporary that may hold the result (no autograd through it)."""
     if residual is not None:
-        y = torch.relu(y + cast(residual, y.dtype))
+        residual = cast(residual, y.dtype)
+        y = y.add_(residual).relu_() if inplace else torch.relu(y + residual)
     return _like(y, like)
 
 

@@ -26,9 +26,17 @@ def forward(x: Tensor, residual: Optional[Tensor], params: GateParams, cfg: Gate
     what :func:`backward` needs (else None: the path that autograd differentiates computes
     nothing more than y)."""
     channel = spatial = None
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(
+        p is not None and p.requires_grad for p in params))
+    # Arg-maxes only where something needs them: the saved state, or autograd in eager mode
+    # (a max's gradient goes to its first arg-max, as in the kernels). Under torch.compile the
+    # max is an amax, whose gradient inductor fuses into a few loops (a max with indices makes
+    # a compiled CPU training step about 1.5x slower): exact ties then share the gradient
+    # equally, as with torch.amax and timm's modules.
+    args = keep or (grad and not torch.compiler.is_compiling())
     x1 = passes_torch.in_acc_dtype(x)
     if params.w1 is not None:
-        avg, mx, pstar = passes_torch.pool_hw(x, cfg.use_max, keepdim=True)
+        avg, mx, pstar = passes_torch.pool_hw(x, cfg.use_max, args)
         k = cfg.use_avg + cfg.use_max
         pooled = torch.cat([avg, mx]) if k == 2 else (avg if cfg.use_avg else mx)
         z, hidden = gate_math.mlp_forward(pooled, k, *params[:4], cfg.act, keep)
@@ -40,14 +48,16 @@ def forward(x: Tensor, residual: Optional[Tensor], params: GateParams, cfg: Gate
                                    _int32(pstar if pstar is None else pstar.view(n, c)))
     sa = None
     if params.conv_w is not None:
-        p, cstar = passes_torch.channel_pool(x1, None, cfg.max_first)
+        p, cstar = passes_torch.channel_pool(x1, None, cfg.max_first, args)
         sa, u, mean, rstd = gate_math.spatial_forward(p, params.conv_w, params.bn_w,
                                                       params.bn_b, bn)
         if keep:
             xhat, stats = gate_math.batch_norm_stats(u, mean, rstd, bn)
             spatial = SpatialSaved(sa, p.flatten(2), _int32(cstar.flatten(1)), xhat, stats)
-    y = passes_torch.scale(x1, None, sa) if sa is not None else x1
-    return passes_torch.epilogue(y, residual, x), channel, spatial
+    # Without autograd, the temporaries x1 (x * ca, or x cast up) and y take the next results.
+    own = not grad and not keep and x1 is not x
+    y = passes_torch.scale(x1, None, sa, inplace=own) if sa is not None else x1
+    return passes_torch.epilogue(y, residual, x, inplace=own), channel, spatial
 
 
 def _int32(index: Optional[Tensor]) -> Optional[Tensor]:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .mlp_layers import add_layers, get_layer, layer_paths
+
 __all__ = [
     "Flatten",
     "BasicConv",
@@ -43,6 +45,7 @@ __all__ = [
     "TimmCBAM",
     "SEModule",
     "SEBlock",
+    "PlainChannelGate",
     "POOL_TYPES",
 ]
 
@@ -459,3 +462,69 @@ class SEBlock(nn.Module):
         n, c = x.shape[0], x.shape[1]
         scale = self.fc(self.avg_pool(x).reshape(n, c))
         return x * scale.reshape(n, c, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any layout
+# ---------------------------------------------------------------------------------------------
+
+#: The hidden activations and gates of :class:`PlainChannelGate`, by name.
+ACTIVATIONS = {"relu": F.relu, "silu": F.silu}
+GATES = {"sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid}
+
+
+class PlainChannelGate(nn.Module):
+    """Channel attention with its two MLP layers under any names, in eager PyTorch: the twin of
+    :class:`cbam_kernels.ChannelGate` and :class:`cbam_kernels.SE` in every configuration (what
+    :func:`cbam_kernels.revert` gives for one that :func:`cbam_kernels.convert` did not make).
+
+    ``x * gate(sum_p second(act(first(pool_p(x)))))`` over the global pools ``pool_types``
+    ("avg", "max"), with ``act`` "relu" or "silu" and ``gate`` "sigmoid" or "hardsigmoid".
+
+    state_dict keys: ``{layers[0]}.weight`` (R, C) for ``linear`` layers, else (R, C, 1, 1),
+    ``{layers[1]}.weight``, and with ``bias`` the two biases (``layers``: see
+    :mod:`cbam_kernels.mlp_layers`).
+    """
+
+    def __init__(self, channels: int, hidden_channels: int,
+                 pool_types: Sequence[str] = ("avg",), bias: bool = True, act: str = "relu",
+                 gate: str = "sigmoid", layers: Sequence[str] = ("fc1", "fc2"),
+                 linear: bool = False):
+        super().__init__()
+        _check_channels("channels", channels)
+        _check_channels("hidden_channels", hidden_channels)
+        if (act not in ACTIVATIONS or gate not in GATES or not pool_types
+                or not set(pool_types) <= {"avg", "max"}):
+            raise ValueError(f"act must be one of {tuple(ACTIVATIONS)}, gate one of "
+                             f"{tuple(GATES)} and pool_types a non-empty subset of ('avg', "
+                             f"'max'), got {act!r}, {gate!r}, {pool_types!r}")
+        self.pool_types, self.act, self.gate, self.linear = tuple(pool_types), act, gate, linear
+        self._paths = layer_paths(layers)
+        if linear:
+            first = nn.Linear(channels, hidden_channels, bias)
+            second = nn.Linear(hidden_channels, channels, bias)
+        else:
+            first = nn.Conv2d(channels, hidden_channels, 1, bias=bias)
+            second = nn.Conv2d(hidden_channels, channels, 1, bias=bias)
+        add_layers(self, self._paths, first, second, act)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Pre-gate channel logits, (N, C, 1, 1)."""
+        first, second = (get_layer(self, path) for path in self._paths)
+        total: Optional[Tensor] = None
+        for p in self.pool_types:
+            pooled = x.mean((2, 3), keepdim=True) if p == "avg" else x.amax((2, 3), keepdim=True)
+            if self.linear:
+                pooled = pooled.flatten(1)
+            raw = second(ACTIVATIONS[self.act](first(pooled)))
+            total = raw if total is None else total + raw
+        assert total is not None
+        return total.reshape(x.shape[0], x.shape[1], 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * GATES[self.gate](self.logits(x))
+
+    def extra_repr(self) -> str:
+        first, second = (".".join(path) for path in self._paths)
+        return (f"pool_types={self.pool_types}, act={self.act!r}, gate={self.gate!r}, "
+                f"layers=({first!r}, {second!r}), linear={self.linear}")

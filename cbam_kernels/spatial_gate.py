@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .channel_gate import check_style
 from .gate_math import BatchNormState, GateConfig, GateParams
-from .gating import apply_attention, check_input, check_residual
+from .gating import apply_attention, check_input, check_residual, refuse_scripting
 
 BN_MOMENTUM = {"official": 0.01, "timm": 0.1}
 
@@ -43,6 +43,8 @@ class SpatialGate(nn.Module):
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` (or with any other norm) the gate's small part
     runs eagerly in training so the norm's own statistics logic applies.
     """
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(self, kernel_size: int = 7, style: str = "official"):
         super().__init__()

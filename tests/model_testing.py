@@ -4,6 +4,7 @@
   input and parameter gradients, and buffers (BatchNorm running statistics) after the step.
 * :class:`OfficialResNet` mirrors the official CBAM repository's ``MODELS/model_resnet.py``
   (ImageNet variant) with :class:`cbam_kernels.reference.OfficialCBAM` in each block.
+* :func:`se_resnet` mirrors senet.pytorch's ``se_resnet18`` (:class:`SELayer`: a Linear SE block).
 
 Tolerances: whole networks are compared, where train-mode BatchNorm over few values amplifies
 rounding differences by orders of magnitude, so the bound is ``sqrt(eps)`` of the dtype on the
@@ -14,6 +15,7 @@ gives errors near ``eps``; a wrong weight, gate or epilogue gives errors of orde
 """
 
 import copy
+import functools
 from typing import Callable, Dict, Optional
 
 import torch
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 
 from cbam_kernels import reference
 from cbam_kernels.convert import convert
+from cbam_kernels.models import resnet18
 
 def tolerance(dtype: torch.dtype) -> float:
     """Relative-error bound for comparing two whole networks computed in ``dtype``."""
@@ -83,6 +86,24 @@ def converted_pair(model: nn.Module, **kwargs):
     original = copy.deepcopy(model)
     converted, summary = convert(model, **kwargs)
     return converted, summary, original
+
+
+@functools.lru_cache(maxsize=None)
+def resnet18_pair(kind: str):
+    """(original, converted) ResNet-18 with 10 classes, in eval mode, with random BatchNorm
+    terms and running statistics. "cbam": this package's ResNet with the reference (official)
+    CBAM; "se": timm's ``resnet18`` with its ``SEModule`` (its blocks get the fused epilogue).
+    Built once per kind and shared by the tests that call it: use, do not change."""
+    import timm
+
+    torch.manual_seed(0)
+    if kind == "cbam":
+        model = resnet18(attention="cbam", reference=True, num_classes=10)
+    else:
+        model = timm.create_model("resnet18", block_args=dict(attn_layer="se"), num_classes=10)
+    converted, summary, original = converted_pair(randomize(model).eval())
+    assert len(summary.replaced) == 8 and not summary.skipped, str(summary)
+    return original, converted
 
 
 class OfficialBasicBlock(nn.Module):
@@ -178,3 +199,59 @@ class OfficialResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.avgpool(x).flatten(1))
+
+
+class SELayer(nn.Module):
+    """senet.pytorch's ``SELayer`` (``senet/se_module.py``): ``avg_pool`` + bias-free Linear MLP
+    ``fc`` (keys ``fc.0.weight``, ``fc.2.weight``)."""
+
+    def __init__(self, channel, reduction=16):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(
+            nn.Linear(channel, channel // reduction, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(channel // reduction, channel, bias=False),
+            nn.Sigmoid())
+
+    def forward(self, x):
+        b, c, _, _ = x.size()
+        y = self.avg_pool(x).view(b, c)
+        y = self.fc(y).view(b, c, 1, 1)
+        return x * y.expand_as(x)
+
+
+class SEBasicBlock(nn.Module):
+    """senet.pytorch's ``SEBasicBlock`` (``senet/se_resnet.py``): SE after bn2, before the add."""
+
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64,
+                 dilation=1, norm_layer=None, *, reduction=16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.se = SELayer(planes, reduction)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        residual = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.se(self.bn2(self.conv2(out)))
+        if self.downsample is not None:
+            residual = self.downsample(x)
+        out += residual
+        out = self.relu(out)
+        return out
+
+
+def se_resnet(layers=(1, 1, 1, 1), num_classes=10) -> nn.Module:
+    """senet.pytorch's ``se_resnet18`` (torchvision's ``ResNet`` of :class:`SEBasicBlock`), with
+    one block per stage by default, random BatchNorm terms and running statistics."""
+    import torchvision
+
+    return randomize(torchvision.models.ResNet(SEBasicBlock, list(layers), num_classes))

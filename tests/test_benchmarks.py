@@ -22,7 +22,8 @@ from benchmarks import report, traffic  # noqa: E402
 from benchmarks.suite import SettingsError, op_cases, resolve_settings  # noqa: E402
 TINY = ["--bench-device=cpu", "--bench-shapes=tiny", "--bench-batches=2", "--bench-rounds=1",
         "--bench-compile-backend=aot_eager"]
-PROVIDERS = {"eager", "compile", "torch"}
+PROVIDERS = {"eager", "compile", "torch", "torch+compile"}
+COMPILED = {"compile", "torch+compile"}
 METRICS = {"median_ms", "tensor_bytes", "bytes_moved", "gbps", "copy_gbps", "pct_copy_bw",
            "io_floor_bytes", "floor_ratio", "peak_mem_bytes", "speedup_vs_eager",
            "speedup_vs_compile", "launches", "launch_names"}
@@ -39,7 +40,8 @@ def run_python(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def main_job(tmp_path_factory):
-    """The main job on tiny shapes with the eager, compile and torch providers: (stdout, out)."""
+    """The main job on tiny shapes with the CPU providers (eager and compiled, the reference's
+    and ours): (stdout, out)."""
     out = tmp_path_factory.mktemp("main_job")
     done = run_python("benchmarks/main.py", "--out", str(out), "--", *TINY,
                       f"--bench-providers={','.join(sorted(PROVIDERS))}")
@@ -71,7 +73,7 @@ def test_every_result_carries_its_metrics(main_job):
     providers = {}
     for info in infos:
         assert METRICS <= set(info), sorted(METRICS - set(info))
-        counted = info["provider"] != "compile"
+        counted = info["provider"] not in COMPILED
         assert (info["launches"] is not None) == counted
         assert not counted or info["launches"] == len(info["launch_names"]) > 0
         assert info["bytes_moved"] == info["min_passes"] * info["tensor_bytes"]
@@ -151,7 +153,7 @@ def test_settings_defaults_full_and_overrides():
     assert len(full.shapes) == 7  # VGG16's (256,56,56) and (512,28,28) are stage shapes too
     given = {"device": "cpu", "shapes": "tiny,16x4x4", "rounds": "3"}
     cpu = resolve_settings(given.get, full=False)
-    assert cpu.providers == ("eager", "torch") and cpu.shapes == ((32, 6, 5), (16, 4, 4))
+    assert cpu.providers == ("eager", "compile", "torch", "torch+compile") and cpu.shapes == ((32, 6, 5), (16, 4, 4))
     assert (cpu.rounds, cpu.warmup_rounds) == (3, 1)
     for bad in ({"dtypes": "fp8"}, {"shapes": "7x7"}, {"batches": "0"}, {"device": "tpu"}):
         with pytest.raises(SettingsError):

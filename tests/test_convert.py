@@ -6,19 +6,26 @@ and parameter gradients, and BatchNorm buffers after the forward/backward step
 run in float64, except torchvision's (float32, to keep their depthwise convolutions fast).
 """
 
+import copy
+
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
-from timm.layers.cbam import CbamModule, LightCbamModule
-from timm.layers.squeeze_excite import SEModule
+from timm.layers.activations import HardSigmoid, Sigmoid, Swish, hard_sigmoid
+from timm.layers.activations_me import HardSigmoidMe, SwishMe
+from timm.layers.cbam import ChannelAttn, CbamModule, LightCbamModule, SpatialAttn
+from timm.layers.eca import CecaModule, EcaModule
+from timm.layers.squeeze_excite import EffectiveSEModule, SEModule, SqueezeExciteCl
+from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
 
-from cbam_kernels import CBAM, SE, reference
+from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate, backend, reference, revert
 from cbam_kernels.convert import ConversionSummary, convert
 from cbam_kernels.epilogue import FusedResidualBlock, Recipe, prove_residual
-from model_testing import (OfficialBasicBlock, OfficialBottleneck, OfficialResNet, check_same,
-                           converted_pair, randomize)
+from model_testing import (OfficialBasicBlock, OfficialBottleneck, OfficialResNet, SELayer,
+                           check_same, converted_pair, randomize, se_resnet)
 
 F64 = torch.float64
 
@@ -96,12 +103,30 @@ def test_official_cbam_variants(train):
 
 
 @pytest.mark.parametrize("train", [True, False])
+def test_reference_se_modules(train):
+    """The reference SE modules (``fc1, act, fc2, gate``, the children of timm's ChannelAttn
+    too, and the Linear ``SEBlock``) convert as SE, average pool only."""
+    model = nn.Sequential(reference.SEModule(32, 4), reference.SEBlock(32, 8)).to(F64)
+    randomize(model)
+    x = torch.randn(2, 32, 6, 5, dtype=F64)
+    converted, _ = _check_converted(model, x, train, replaced=2, fused=0)
+    assert all(isinstance(m, SE) for m in converted)
+
+
+@pytest.mark.parametrize("layers", [("fc1",), ("fc1", "fc1"), ("fc.2", "fc.0"),
+                                    ("fc.0", "mlp.2"), ("fc.a", "fc.b"), ("a.b.0", "a.b.1")])
+def test_se_layer_names_are_checked(layers):
+    with pytest.raises(ValueError, match="layers must name the MLP's two layers"):
+        SE(32, layers=layers)
+
+
+@pytest.mark.parametrize("train", [True, False])
 def test_linear_se_block(train):
     model = nn.Sequential(nn.Conv2d(3, 32, 3), reference.SEBlock(32, 4)).to(F64)
-    renames = {"1.fc1.weight": "1.fc.0.weight", "1.fc2.weight": "1.fc.2.weight"}
-    converted, _ = _check_converted(model, _image(size=16), train, replaced=1, fused=0,
-                                    rename=lambda n: renames.get(n, n))
-    assert isinstance(converted[1], SE) and converted[1].fc1.bias is None
+    converted, _ = _check_converted(model, _image(size=16), train, replaced=1, fused=0)
+    assert isinstance(converted[1], SE) and converted[1].layers == ("fc.0", "fc.2")
+    assert list(converted.state_dict()) == ["0.weight", "0.bias", "1.fc.0.weight",
+                                            "1.fc.2.weight"]
 
 
 def test_model_that_is_an_attention_module():
@@ -124,11 +149,17 @@ def _skipped(model):
 @pytest.mark.parametrize("module, reason", [
     (lambda: reference.OfficialCBAM(32, 4, ("avg", "lp")), "pool types"),
     (lambda: CbamModule(32, act_layer=nn.ReLU6), "activation 'relu6'"),
-    (lambda: CbamModule(32, gate_layer="hard_sigmoid"), "gates"),
+    (lambda: CbamModule(32, gate_layer="hard_sigmoid"), "spatial gate 'hardsigmoid'"),
     (lambda: LightCbamModule(32), "spatial conv"),
     (lambda: SEModule(32, add_maxpool=True), "add_maxpool"),
     (lambda: SEModule(32, norm_layer=nn.BatchNorm2d), "norm between"),
     (lambda: torchvision.ops.SqueezeExcitation(32, 8, scale_activation=nn.Tanh), "gate 'tanh'"),
+    (lambda: SqueezeExcite(32, act_layer=nn.GELU), "activation 'gelu'"),
+    (lambda: LightCbamModule(32).channel, "averaged before the MLP"),
+    (lambda: EffectiveSEModule(32), "one 1x1 conv between squeeze and gate"),
+    (lambda: EffectiveSEModule(32, add_maxpool=True), "one 1x1 conv between squeeze and gate"),
+    (lambda: EcaModule(32), "EcaModule looks like attention"),
+    (lambda: CecaModule(32), "CecaModule looks like attention"),
 ])
 def test_unsupported_variants_are_left_in_place(module, reason):
     assert reason in _skipped(module())
@@ -237,3 +268,103 @@ def test_summary_str():
         "  replaced a.se: timm SEModule -> SE(channels=8)",
         "  fused    a",
         "  skipped  b: pool types ('lp',)"]
+
+
+def _in_a_model(module, dtype=F64):
+    return randomize(nn.Sequential(nn.Conv2d(3, 32, 3), module).to(dtype))
+
+
+@pytest.mark.parametrize("module, act, gate", [
+    (lambda: SqueezeExcite(32, act_layer=nn.SiLU), "silu", "sigmoid"),  # EfficientNet
+    (lambda: SqueezeExcite(32, act_layer=nn.Hardswish, gate_layer="hard_sigmoid",
+                           force_act_layer=nn.ReLU), "relu", "hardsigmoid"),  # MobileNetV3
+    (lambda: SqueezeExcite(32, rd_channels=5, act_layer=Swish, gate_layer=HardSigmoid),
+     "silu", "hardsigmoid"),
+    (lambda: SqueezeExcite(32, act_layer=SwishMe, gate_layer=HardSigmoidMe), "silu",
+     "hardsigmoid"),
+    (lambda: SqueezeExcite(32, gate_layer=Sigmoid), "relu", "sigmoid"),
+    (lambda: SEModule(32, bias=False, act_layer="silu", gate_layer="hard_sigmoid"), "silu",
+     "hardsigmoid"),
+    (lambda: SEModule(32, rd_channels=7), "relu", "sigmoid"),  # RegNet's widths
+    (lambda: ChannelAttn(32, mlp_bias=True, act_layer=nn.SiLU), "silu", "sigmoid"),
+    (lambda: SpatialAttn(3), None, None),
+])
+@pytest.mark.parametrize("train", [True, False])
+def test_timm_attention_variants(module, act, gate, train):
+    """timm's SE and CBAM parts with each activation and gate the fused op has, keys kept."""
+    model = _in_a_model(module())
+    keys = list(model.state_dict())
+    converted, _ = _check_converted(model, _image(size=16), train, replaced=1, fused=0)
+    assert list(converted.state_dict()) == keys
+    if act is None:
+        assert isinstance(converted[1], SpatialGate)
+    else:
+        assert isinstance(converted[1], ChannelGate)
+        assert (converted[1].act, converted[1].gate) == (act, gate)
+
+
+def test_timm_hard_sigmoids_are_the_fused_gate():
+    """timm's hard sigmoids compute F.hardsigmoid (the fused gate) exactly; their gradient is
+    1/6 on (-3, 3) and 0 outside (F.hardsigmoid's own backward rounds 1/6 to float32, and the
+    memory-efficient HardSigmoidMe passes it at exactly -3 and 3 too)."""
+    z = torch.linspace(-4, 4, 801, dtype=F64, requires_grad=True)
+    expected = F.hardsigmoid(z)
+    slope = (z.detach().abs() < 3).to(F64) / 6
+    edges = z.detach().abs() == 3
+    for gate in (hard_sigmoid, HardSigmoid(), HardSigmoidMe(), nn.Hardsigmoid()):
+        y = gate(z)
+        assert torch.equal(y, expected)
+        grad = torch.autograd.grad(y.sum(), z)[0]
+        torch.testing.assert_close(grad[~edges], slope[~edges], rtol=1e-7, atol=0)
+
+
+def test_channels_last_se_is_left_in_place():
+    converted, summary = convert(SqueezeExciteCl(32))
+    assert isinstance(converted, SqueezeExciteCl) and "channels-last" in summary.skipped[0][1]
+
+
+def test_attention_look_alike_is_listed_only_when_nothing_inside_is():
+    class WrappedSE(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    converted, summary = convert(nn.Sequential(WrappedSE(SEModule(32)), WrappedSE(nn.Identity())))
+    assert [name for name, _ in summary.replaced] == ["0.inner"]
+    assert [name for name, _ in summary.skipped] == ["1"]
+    assert "WrappedSE looks like attention" in summary.skipped[0][1]
+
+
+@pytest.mark.parametrize("name", backend.BACKENDS)
+def test_convert_whatever_backend_is_forced(name, monkeypatch):
+    """The probe runs on the PyTorch backend; the variable applies again afterwards."""
+    monkeypatch.setenv(backend.ENV_VAR, name)
+    backend.forget_choices()
+    model = nn.Sequential(CbamModule(32), SqueezeExcite(32, act_layer=nn.SiLU), SELayer(32, 4))
+    x = torch.randn(2, 32, 6, 6)
+    expected = model.eval()(x)
+    converted, summary = convert(model)
+    assert len(summary.replaced) == 3 and not summary.skipped
+    assert backend.requested_backend() == name
+    if name in ("auto", "torch"):
+        torch.testing.assert_close(converted(x), expected)
+    else:
+        with pytest.raises(RuntimeError, match=f"{backend.ENV_VAR}={name}"):
+            converted(x)
+
+
+def test_linear_se_checkpoints_load_strictly_before_and_after_convert_and_revert():
+    """senet.pytorch's se_resnet: keys fc.0/fc.2 stay, with the fused epilogue too."""
+    model = se_resnet()
+    saved = copy.deepcopy(model.state_dict())
+    converted, summary = convert(model)
+    assert (len(summary.replaced), len(summary.fused)) == (4, 4)
+    converted.load_state_dict(saved)
+    se_resnet().load_state_dict(converted.state_dict())
+    reverted = revert(converted)
+    assert type(reverted.layer1[0].se) is SELayer
+    reverted.load_state_dict(saved)
+    se_resnet().load_state_dict(reverted.state_dict())

@@ -1,5 +1,7 @@
 """Bad input gets a clear error; edge cases (N=0, NaN, Inf, ties) behave as documented."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -61,10 +63,19 @@ def test_residual_must_match():
         CBAM(8, 2)(torch.randn(2, 8, 3, 3), residual=torch.randn(2, 8, 3, 4))
 
 
-def test_empty_batch(device_backend, module):
-    x = torch.randn(0, 8, 5, 5, device=device_backend).to(memory_format=torch.channels_last)
-    y = module.to(device_backend)(x)
-    assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 8, 0, 0)], ids=str)
+def test_empty_batch(device_backend, module, shape):
+    """An empty batch (the tail of a sampler) keeps x's layout (where an empty tensor has one)
+    and backpropagates zero gradients to x and every parameter, as nn.Conv2d does."""
+    x = torch.randn(shape, device=device_backend).to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    module = module.to(device_backend).train()
+    y = module(x)
+    assert y.shape == x.shape
+    assert y.is_contiguous(memory_format=torch.channels_last) or shape[2] == 0
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert all(p.grad is not None and not p.grad.any() for p in module.parameters())
 
 
 @pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 8, 0, 5)], ids=str)
@@ -110,3 +121,14 @@ def test_max_ties_pick_first_index(device_backend):
     # The gradient reaching the pooled max lands on hw = 0 only: it differs from the rest.
     g = grads[0].flatten(2)
     assert (g[:, :, 1:] == g[:, :, 1:2]).all() and not torch.equal(g[:, :, 0], g[:, :, 1])
+
+
+def test_jit_script_points_to_compile_and_export(module):
+    """torch.jit.script of a model holding a fused module fails with a message that names the
+    module and the supported alternatives (not an attribute error from inside it)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        with pytest.raises(RuntimeError, match=f"cannot compile {type(module).__name__} .*"
+                                               "torch.compile.*torch.export"):
+            torch.jit.script(model)

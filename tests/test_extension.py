@@ -141,6 +141,31 @@ def test_package_works_without_extension():
     assert "cpu float32: torch" in out.stdout
 
 
+def test_interpreter_chosen_too_late_is_reported_unavailable():
+    """TRITON_INTERPRET=1 set after triton was imported does not interpret (Triton decides at
+    its first import): the report says so, and forcing Triton is a clear error, not a failure
+    inside the kernels."""
+    if torch.cuda.is_available():
+        pytest.skip("with a CUDA device the Triton backend runs without the interpreter")
+    code = ("import os, torch, triton, cbam_kernels\n"
+            "from cbam_kernels.backend import available_backends\n"
+            "os.environ.pop('TRITON_INTERPRET', None)\n"
+            "assert 'TRITON_INTERPRET is not set' in available_backends()['triton']\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "os.environ['CBAM_KERNELS_BACKEND'] = 'triton'\n"
+            "print(available_backends()['triton'])\n"
+            "try:\n"
+            "    cbam_kernels.CBAM(8, 2)(torch.randn(2, 8, 5, 5))\n"
+            "except RuntimeError as err:\n"
+            "    print('error:', err)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "TRITON_INTERPRET=1 was set after triton was imported" in out.stdout
+    assert "error: CBAM_KERNELS_BACKEND=triton, but the triton kernels need a CUDA tensor" \
+        in out.stdout
+
+
 @pytest.mark.parametrize("value", ["cdua", "gpu", "Triton2"])
 def test_bad_backend_name_is_an_error(monkeypatch, value):
     monkeypatch.setenv(backend.ENV_VAR, value)
@@ -452,3 +477,20 @@ def test_more_than_2_pow_31_elements(layout):
         assert y[0, c - 1, h - 1, w - 1].item() == 1 and y[0, c - 1, 0, 0].item() == -0.5
         assert y.sum(dtype=torch.float32).item() == 0
         del y
+
+
+def test_report_says_what_the_install_built(monkeypatch, tmp_path):
+    """describe_backends() (and ``python -m cbam_kernels``) says whether setup.py built _C, for
+    which architectures, or why not."""
+    info = tmp_path / "build_info.json"
+    monkeypatch.setattr(backend, "BUILD_INFO", str(info))
+    assert "no record of an install" in backend.describe_backends()
+    info.write_text('{"built": false, "why": "installed without cbam_kernels._C: nvcc not '
+                    'found (set CUDA_HOME)", "arch_list": null}')
+    assert "Extension: installed without cbam_kernels._C: nvcc not found" \
+        in backend.describe_backends()
+    info.write_text('{"built": true, "why": "cbam_kernels._C built with torch 2.14.1", '
+                    '"arch_list": "8.0;9.0"}')
+    assert "for TORCH_CUDA_ARCH_LIST=8.0;9.0" in backend.extension_build()
+    out = subprocess.run([sys.executable, "-m", "cbam_kernels"], capture_output=True, text=True)
+    assert out.returncode == 0 and "Extension: " in out.stdout, out.stderr

@@ -1,0 +1,197 @@
+"""Capturing what each CBAM or SE module of a model attends to, during a forward.
+
+``with capture_attention(model) as maps: model(x)`` fills ``maps`` with one
+:class:`AttentionMaps` per attention module (by qualified name, in the order they ran): the
+channel weights ``channel`` (N, C) and the spatial map ``spatial`` (N, H, W), None where the
+module has no such gate. Forward hooks do the work, and they exist only inside the ``with``
+block: outside it a model runs exactly as before (nothing is checked per call).
+
+Modules captured:
+
+* this package's ``CBAM``, ``ChannelGate``, ``SE`` and ``SpatialGate``: the maps are computed once
+  more from the module's input by the specification (``pipeline_torch.forward``, the math every
+  backend implements; BatchNorm running statistics are read, never updated);
+* by structure, without importing their libraries, the eager originals:
+  ``cbam_kernels.reference``'s modules, the official CBAM repository's ``CBAM`` /
+  ``ChannelGate`` / ``SpatialGate``, timm's ``CbamModule``, ``ChannelAttn``, ``SpatialAttn`` and
+  ``SEModule``, torchvision's ``SqueezeExcitation`` and a plain SE block
+  (``AdaptiveAvgPool2d`` + ``Sequential(..., Sigmoid)``): the gate is read off the output of the
+  gate layer (or, for the official channel gate, whose sigmoid is a function, recomputed from
+  its MLP).
+
+Maps are detached; they are float32 (float64 for float64 inputs) for fused modules and in the
+module's dtype for the originals. A module called several times in the block keeps its latest
+maps.
+"""
+
+import contextlib
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import pipeline_torch
+from .cbam import CBAM
+from .channel_gate import ChannelGate
+from .gate_math import BatchNormState, GateConfig, GateParams
+from .reference import OfficialChannelGate
+from .spatial_gate import SpatialGate
+
+
+class AttentionMaps(NamedTuple):
+    """The gates one attention module applied (None where it has no such gate)."""
+
+    channel: Optional[Tensor] = None  # (N, C) channel weights
+    spatial: Optional[Tensor] = None  # (N, H, W) spatial map
+
+
+Reader = Callable[[tuple, dict, object], Dict[str, Tensor]]
+
+
+class Tap(NamedTuple):
+    """Where one attention module's maps come from: the submodule (or the module itself) whose
+    forward hook sees them, and how that call's (args, kwargs, output) gives them (a dictionary
+    of :class:`AttentionMaps` fields)."""
+
+    module: nn.Module
+    read: Reader
+
+
+@contextlib.contextmanager
+def capture_attention(model: nn.Module) -> Iterator[Dict[str, AttentionMaps]]:
+    """Capture the attention maps of every CBAM / SE module of ``model`` (see the module
+    docstring for which) while the ``with`` block runs.
+
+    Yields a dictionary, filled as the model runs: qualified module name ->
+    :class:`AttentionMaps`. The hooks are removed on exit. Raises ValueError if ``model`` has no
+    attention module that this function knows.
+
+    Example::
+
+        with capture_attention(model) as maps:
+            model(x)
+        sa = maps["layer4.1.cbam"].spatial   # (N, H, W)
+    """
+    found = find_attention(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no CBAM or SE module that "
+                         "capture_attention knows (see cbam_kernels.attention_maps)")
+    maps: Dict[str, AttentionMaps] = {}
+    handles = []
+    try:
+        for name, taps in found.items():
+            for tap in taps:
+                handles.append(tap.module.register_forward_hook(_recorder(maps, name, tap.read),
+                                                                with_kwargs=True))
+        yield maps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def find_attention(model: nn.Module) -> Dict[str, List[Tap]]:
+    """The attention modules of ``model`` by qualified name, each with its taps (the outermost
+    module of each: a CBAM's gates belong to the CBAM)."""
+    found: Dict[str, List[Tap]] = {}
+    for name, module in model.named_modules():
+        if any(outer == "" or name.startswith(outer + ".") for outer in found):
+            continue
+        taps = _taps(module)
+        if taps:
+            found[name] = taps
+    return found
+
+
+def _taps(module: nn.Module) -> List[Tap]:
+    """The taps of ``module`` if it is an attention module, else []."""
+    if isinstance(module, (CBAM, ChannelGate, SpatialGate)):
+        return [Tap(module, _fused_reader(module))]
+    own = _channel_tap(module) or _spatial_tap(module)
+    if own is not None:
+        return [own]
+    children = module._modules
+    parts = [_channel_tap(children.get(n)) for n in ("ChannelGate", "channel")]
+    parts += [_spatial_tap(children.get(n)) for n in ("SpatialGate", "spatial")]
+    return [tap for tap in parts if tap is not None]
+
+
+def _recorder(maps: Dict[str, AttentionMaps], name: str, read: Reader):
+    def hook(module, args, kwargs, output):
+        maps[name] = maps.get(name, AttentionMaps())._replace(**read(args, kwargs, output))
+    return hook
+
+
+def _fused_reader(module: nn.Module) -> Reader:
+    """The maps of a fused module, from its input, by the specification."""
+    if isinstance(module, CBAM):
+        channel, spatial = module.channel_gate, module.spatial_gate
+    elif isinstance(module, SpatialGate):
+        channel, spatial = None, module
+    else:
+        channel, spatial = module, None
+
+    def read(args, kwargs, output):
+        x = args[0] if args else kwargs["x"]
+        params, cfg, bn = GateParams(), GateConfig(), BatchNormState()
+        if spatial is not None:
+            params, cfg = spatial.gate_params(), GateConfig(max_first=spatial.max_first)
+            bn = spatial.bn_state(x)._replace(num_batches_tracked=None)  # no running update
+        if channel is not None:
+            params = GateParams(*channel.gate_params()[:4], *params[4:])
+            cfg = channel.gate_config(cfg.max_first)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            _, ch, sp = pipeline_torch.forward(x, None, params, cfg, bn, keep=True)
+        n, _, h, w = x.shape
+        return {"channel": None if ch is None else ch.ca,
+                "spatial": None if sp is None else sp.sa.view(n, h, w)}
+    return read
+
+
+def _child(module: nn.Module, name: str) -> Optional[nn.Module]:
+    value = module._modules.get(name)
+    return value if isinstance(value, nn.Module) else None
+
+
+def _channel_tap(module: Optional[nn.Module]) -> Optional[Tap]:
+    """The tap of a non-fused channel gate (SE included), or None if ``module`` is none."""
+    if module is None:
+        return None
+    if isinstance(getattr(module, "mlp", None), nn.Module) and hasattr(module, "pool_types"):
+        return Tap(module, _official_channel_reader(module))  # its sigmoid is a function
+    gate = _child(module, "gate" if "gate" in module._modules else "scale_activation")
+    if gate is not None and _child(module, "fc1") is not None and _child(module, "fc2") is not None:
+        return Tap(gate, lambda args, kwargs, out: {"channel": out.detach().flatten(1)})
+    children = list(module.children())
+    if (len(children) == 2 and isinstance(children[0], nn.AdaptiveAvgPool2d)
+            and isinstance(children[1], nn.Sequential) and len(children[1])
+            and isinstance(children[1][-1], nn.Sigmoid)):
+        return Tap(children[1], lambda args, kwargs, out: {"channel": out.detach().flatten(1)})
+    return None
+
+
+def _official_channel_reader(gate: nn.Module) -> Reader:
+    def read(args, kwargs, output):
+        x = args[0]
+        with torch.no_grad():
+            logits = sum(gate.mlp(OfficialChannelGate.pool(x, p)) for p in gate.pool_types)
+        return {"channel": torch.sigmoid(logits)}
+    return read
+
+
+def _spatial_tap(module: Optional[nn.Module]) -> Optional[Tap]:
+    """The tap of a non-fused spatial gate, or None if ``module`` is none."""
+    if module is None:
+        return None
+    if _child(module, "compress") is not None and _child(module, "spatial") is not None:
+        # the official SpatialGate: spatial = conv + BN, sigmoid as a function
+        return Tap(module.spatial,
+                   lambda args, kwargs, out: {"spatial": torch.sigmoid(out.detach())[:, 0]})
+    gate, conv = _child(module, "gate"), _child(module, "conv")
+    if gate is not None and conv is not None and _first_conv_inputs(conv) == 2:
+        return Tap(gate, lambda args, kwargs, out: {"spatial": out.detach()[:, 0]})
+    return None
+
+
+def _first_conv_inputs(module: nn.Module) -> Optional[int]:
+    """in_channels of the first Conv2d in ``module`` (itself included), or None."""
+    return next((m.in_channels for m in module.modules() if isinstance(m, nn.Conv2d)), None)
