@@ -127,8 +127,7 @@ def scale(x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor], inplace: bool =
         y = y.mul_(ca) if inplace else y * ca
     if sa is not None:
         sa = sa.view(sa.shape[0], 1, x.shape[2], x.shape[3])
-        fresh = ca is not None and not y.requires_grad  # y * ca above: a temporary of ours
-        y = y.mul_(sa) if inplace or fresh else y * sa
+        y = y.mul_(sa) if inplace else y * sa
     return y
 
 
