@@ -125,27 +125,25 @@ def mlp_forward(pooled: Tensor, k: int, w1: Tensor, b1: Optional[Tensor], w2: Te
                 keep: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """Shared MLP over the pooled vectors of ``k`` pool types.
 
-    ``pooled`` is (K * N, C): the (N, C) vectors of the pool types, stacked; the weights are
-    (R, C) and (C, R) matrices or (R, C, 1, 1) and (C, R, 1, 1) 1x1-conv kernels. Returns the
-    channel logits ``z = sum_k (W2 act(W1 v_k + b1) + b2)`` (N, C) -- the output bias counts
-    once per pool type, as in the official CBAM -- and, with ``keep``, the hidden
-    pre-activations (K * N, R) for :func:`mlp_backward` (else None: the activation runs in
-    place).
+    ``pooled`` holds the (N, C) vectors of the pool types, stacked: (K * N, C) for Linear
+    weights (R, C) and (C, R), applied as matrix products; (K * N, C, 1, 1) for 1x1-conv
+    kernels (R, C, 1, 1) and (C, R, 1, 1), applied as the convolutions they are (so autograd
+    returns their gradients in the kernels' own layout, channels_last included, as DDP's
+    gradient buckets expect). Returns the channel logits ``z = sum_k (W2 act(W1 v_k + b1) +
+    b2)`` (N, C) or (N, C, 1, 1) -- the output bias counts once per pool type, as in the
+    official CBAM -- and, with ``keep``, the hidden pre-activations (K * N, R[, 1, 1]) for
+    :func:`mlp_backward` (else None: the activation runs in place).
     """
     hidden = _layer(pooled, w1, b1)
     out = _layer(activation(hidden, act, inplace=not keep), w2, b2)
-    z = out.view(k, -1, out.shape[1]).sum(dim=0) if k > 1 else out
+    z = out.view(k, -1, *out.shape[1:]).sum(dim=0) if k > 1 else out
     return z, (hidden if keep else None)
 
 
 def _layer(v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """One MLP layer on rows ``v`` (M, I): a Linear weight (O, I) as a matrix product, a 1x1
-    conv kernel (O, I, 1, 1) as the convolution it is (so that autograd returns its gradient
-    in the kernel's own layout, channels_last included, as DDP's gradient buckets expect)."""
+    """One MLP layer: ``F.linear`` for a (O, I) weight, ``F.conv2d`` for a (O, I, 1, 1) one."""
     w = weight if weight.dtype == v.dtype else weight.to(v.dtype)
-    if w.dim() == 2:
-        return F.linear(v, w, _cast(bias, v))
-    return F.conv2d(v[:, :, None, None], w, _cast(bias, v)).flatten(1)
+    return (F.linear if w.dim() == 2 else F.conv2d)(v, w, _cast(bias, v))
 
 
 def matrix(weight: Tensor) -> Tensor:

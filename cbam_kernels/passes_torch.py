@@ -87,18 +87,24 @@ def _max_channel(max_first: bool) -> int:
     return 0 if max_first else 1
 
 
-def pool_hw(x: Tensor, with_max: bool, with_arg: bool = True
+def pool_hw(x: Tensor, with_max: bool, with_arg: bool = True, keepdim: bool = False
             ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Global pooling over H*W: (mean, max, first arg-max), each (N, C); the max is None
-    without ``with_max``, the arg-max without it or without ``with_arg`` (then the max takes
-    ``amax``, many times faster on the CPU than a max with indices). The mean is accumulated in
-    float32 (pytorch/pytorch#43992).
+    """Global pooling over H*W: (mean, max, first arg-max), each (N, C), or (N, C, 1, 1) with
+    ``keepdim``; the max is None without ``with_max``, the arg-max without it or without
+    ``with_arg`` (then the max takes ``amax``, many times faster on the CPU than a max with
+    indices). The mean is accumulated in float32 (pytorch/pytorch#43992).
     """
     if not with_max:
-        return in_acc_dtype(x).mean(dim=(2, 3)), None, None
+        return in_acc_dtype(x).mean(dim=(2, 3), keepdim=keepdim), None, None
     v = _flat(x)
-    mx, arg = v.max(dim=2) if with_arg else (v.amax(dim=2), None)
-    return v.mean(dim=2), mx, arg
+    if with_arg:
+        mx, arg = v.max(dim=2, keepdim=keepdim)
+    else:
+        mx, arg = v.amax(dim=2, keepdim=keepdim), None
+    avg = v.mean(dim=2, keepdim=keepdim)
+    if keepdim:
+        return avg.unsqueeze(3), mx.unsqueeze(3), None if arg is None else arg.unsqueeze(3)
+    return avg, mx, arg
 
 
 def channel_pool(x: Tensor, ca: Optional[Tensor], max_first: bool, with_arg: bool = True

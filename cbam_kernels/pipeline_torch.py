@@ -36,7 +36,8 @@ def forward(x: Tensor, residual: Optional[Tensor], params: GateParams, cfg: Gate
     args = keep or (grad and not torch.compiler.is_compiling())
     x1 = passes_torch.in_acc_dtype(x)
     if params.w1 is not None:
-        avg, mx, pstar = passes_torch.pool_hw(x, cfg.use_max, args)
+        avg, mx, pstar = passes_torch.pool_hw(x, cfg.use_max, args,
+                                              keepdim=params.w1.dim() == 4)  # 1x1 convs
         k = cfg.use_avg + cfg.use_max
         pooled = torch.cat([avg, mx]) if k == 2 else (avg if cfg.use_avg else mx)
         z, hidden = gate_math.mlp_forward(pooled, k, *params[:4], cfg.act, keep)
