@@ -38,27 +38,24 @@ class Workload(NamedTuple):
     dtype: str                      # fp32, fp16 or bf16 (x and the parameters)
     layout: str                     # x: "nchw" or "cl" (channels_last)
     residual: Optional[str] = None  # layout of a residual (and of gy); None: no residual
-    params_apart: bool = False      # parameter gradients in a launch of their own (CUDA backend)
 
     @property
     def label(self) -> str:
         """A short name, e.g. ``cbam fp16 cl 64x256x56x56``."""
         extra = f" +res {self.residual}" if self.residual else ""
-        extra += " params apart" if self.params_apart else ""
         return f"{self.module} {self.dtype} {self.layout} {'x'.join(map(str, self.shape))}{extra}"
 
 
 # The benchmark's ResNet-50 stage shapes at batch 64, in channels_last (C innermost: wide
 # reduction tiles) and in NCHW at 7x7 (H*W = 49: rows not 16-byte aligned); and a small odd
 # shape (tiles below TILE, C and H*W not multiples of 16) through SE with the ResNet block
-# epilogue, gy and the residual in the other layout (the narrow tiles of mixed layouts) and the
-# parameter gradients in a launch of their own (as the CUDA backend runs them). Every dtype, gate
-# kind and layout case of the launch plans, in few specialisations (each costs a compile per
-# target).
+# epilogue, gy and the residual in the other layout (the narrow tiles of mixed layouts). Every
+# dtype, gate kind and layout case of the launch plans, in few specialisations (each costs a
+# compile per target).
 WORKLOADS = (
     Workload("cbam", (64, 256, 56, 56), "fp16", "cl"),
     Workload("cbam", (64, 2048, 7, 7), "bf16", "nchw"),
-    Workload("se", (2, 33, 9, 11), "fp32", "nchw", residual="cl", params_apart=True),
+    Workload("se", (2, 33, 9, 11), "fp32", "nchw", residual="cl"),
 )
 
 
@@ -77,21 +74,14 @@ def _empty(shape, dtype, layout):
 def _run(workload: Workload) -> None:
     """The workload's eval forward, training forward and backward."""
     import torch
-    from cbam_kernels import backend
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[workload.dtype]
     module = _modules()[workload.module](workload.shape[1]).to(dtype)
     x = _empty(workload.shape, dtype, workload.layout).requires_grad_()
     other = workload.residual or workload.layout
     extra = {"residual": _empty(workload.shape, dtype, other)} if workload.residual else {}
-    pipeline = backend.pipeline_named("triton")
-    fused = pipeline.fused_param_grads
-    pipeline.fused_param_grads = not workload.params_apart
-    try:
-        with torch.no_grad():
-            module.eval()(x, **extra)
-        module.train()(x, **extra).backward(_empty(workload.shape, dtype, other))
-    finally:
-        pipeline.fused_param_grads = fused
+    with torch.no_grad():
+        module.eval()(x, **extra)
+    module.train()(x, **extra).backward(_empty(workload.shape, dtype, other))
 
 
 def _caller() -> str:

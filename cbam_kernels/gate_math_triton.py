@@ -21,8 +21,8 @@ Backward:
   partials.
 * :func:`mlp_backward` -- one program per sample: ``gz``, the hidden gradients, ``ga``/``gm``.
 * :func:`param_grads_task` -- the parameter gradients (sums over the batch), as tasks that the
-  grad-input pass of the Triton backend runs in the same launch (:func:`param_grads` launches
-  them alone for the CUDA backend).
+  grad-input pass of the Triton backend runs in the same launch (the CUDA backend's grad-input
+  kernel has the same tasks in C++, ``csrc/passes.cuh``).
 
 Small tensors are float32 (``hidden``, ``pooled``, ``sa`` ...), int32 arg-maxes; parameters and
 BatchNorm buffers are read and written in their own dtype and strides.
@@ -638,31 +638,25 @@ def param_grads_task(task, N, C, R, gz, ghidden, pooled, hidden, gw1, sg1_r, sg1
                 tl.store(gbn_b, total.to(gbn_b.dtype.element_ty))
 
 
-@triton.jit
-def _param_grads_kernel(N, C, R, gz, ghidden, pooled, hidden, gw1, sg1_r, sg1_c, gb1, gw2,
-                        sg2_c, sg2_r, gb2, programs, wpart, bn_part, gconv, sgc_ch, sgc_i,
-                        sgc_j, gbn_w, gbn_b,
-                        CHANNEL: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr,
-                        HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, SPATIAL: tl.constexpr,
-                        KSIZE: tl.constexpr, HAS_BN_W: tl.constexpr, HAS_BN_B: tl.constexpr,
-                        T_BLOCK_C: tl.constexpr, T_BLOCK_R: tl.constexpr, PBLOCK: tl.constexpr,
-                        TBLOCK: tl.constexpr):
-    """:func:`param_grads_task` number program_id, launched on its own."""
-    param_grads_task(tl.program_id(0), N, C, R, gz, ghidden, pooled, hidden, gw1, sg1_r, sg1_c,
-                     gb1, gw2, sg2_c, sg2_r, gb2, programs, wpart, bn_part, gconv, sgc_ch, sgc_i,
-                     sgc_j, gbn_w, gbn_b, CHANNEL, K, ACT, HAS_B1, HAS_B2, SPATIAL, KSIZE,
-                     HAS_BN_W, HAS_BN_B, T_BLOCK_C, T_BLOCK_R, PBLOCK, TBLOCK)
-
-
 class ParamGrads(NamedTuple):
-    """The parameter gradients a backward returns (a GateParams of them, None where the
-    parameter is absent), and the work that computes them: ``tasks`` programs of
-    :func:`param_grads_task` with ``args`` (runtime) and ``meta`` (constexpr)."""
+    """The parameter gradients of a backward and what they are computed from.
+
+    ``grads``: a :class:`GateParams` of them, each allocated like its parameter (strides
+    included), None where the parameter is absent; the grad-input pass of either kernel backend
+    fills them in its own launch, as sums over the batch in a fixed order. Channel gate (None
+    without one): ``gz`` (N, C), ``ghidden`` (K, N, R), ``pooled`` (K, N, C), ``hidden``
+    (K, N, R) and the MLP's activation ``act``; spatial gate (None without one): the
+    per-program partials ``wpart`` (P, 2 k k) and ``bn_part`` (P, 2) of
+    :func:`spatial_backward`."""
 
     grads: GateParams
-    tasks: int
-    args: tuple
-    meta: dict
+    gz: Optional[Tensor]
+    ghidden: Optional[Tensor]
+    pooled: Optional[Tensor]
+    hidden: Optional[Tensor]
+    act: str
+    wpart: Optional[Tensor]
+    bn_part: Optional[Tensor]
 
 
 TAIL_BLOCK_C = 16    # channels per task
@@ -676,43 +670,50 @@ def _like(t: Optional[Tensor]) -> Optional[Tensor]:
 def param_grads_work(params: GateParams, act: str,
                      channel: Optional[Tuple[ChannelSaved, ChannelGrads]],
                      spatial: Optional[SpatialGrads]) -> ParamGrads:
-    """Allocate the parameter gradients (each like its parameter, strides included) and
-    describe the tasks that fill them from the channel gate's saved tensors and gradients and
-    the spatial gate's partials (either may be None: that gate is absent)."""
+    """Allocate the parameter gradients (each like its parameter, strides included) and collect
+    what they are computed from: the channel gate's saved tensors and gradients and the spatial
+    gate's partials (either may be None: that gate is absent)."""
+    gw1, gb1, gw2, gb2 = (_like(t) if channel is not None else None for t in params[:4])
+    gconv, gbn_w, gbn_b = (_like(t) if spatial is not None else None for t in params[4:])
+    grads = GateParams(gw1, gb1, gw2, gb2, gconv, gbn_w, gbn_b)
+    gz = ghidden = pooled = hidden = wpart = bn_part = None
+    if channel is not None:
+        saved, channel_grads = channel
+        gz, ghidden, pooled, hidden = (channel_grads.gz, channel_grads.ghidden, saved.pooled,
+                                       saved.hidden)
+    if spatial is not None:
+        wpart, bn_part = spatial.wpart, spatial.bn_part
+    return ParamGrads(grads, gz, ghidden, pooled, hidden, act, wpart, bn_part)
+
+
+def param_grads_launch(work: ParamGrads) -> Tuple[int, tuple, dict]:
+    """(tasks, runtime args, constexprs) of :func:`param_grads_task` for ``work``: one task
+    per TAIL_BLOCK_C channels of the channel gate, or one for the spatial gate alone."""
     n = c = r = k = 0
-    gz = ghidden = pooled = hidden = None
     block_c = block_r = 1
     tasks = 1
-    if channel is not None:
-        saved, grads = channel
-        k, n, c = saved.pooled.shape
-        r = params.w1.shape[0]
-        gz, ghidden, pooled, hidden = grads.gz, grads.ghidden, saved.pooled, saved.hidden
+    g = work.grads
+    if work.gz is not None:
+        k, n, c = work.pooled.shape
+        r = work.hidden.shape[2]
         block_c = min(_pow2(c), TAIL_BLOCK_C)
         block_r = min(_pow2(r), max(1, TAIL_TILE // block_c))
         tasks = -(-c // block_c)
-    gw1, gb1, gw2, gb2 = (_like(t) if channel is not None else None for t in params[:4])
-    gconv, gbn_w, gbn_b = (_like(t) if spatial is not None else None for t in params[4:])
-    programs = spatial.wpart.shape[0] if spatial is not None else 0
-    ksize = params.conv_w.shape[-1] if spatial is not None else 1
+    spatial = work.wpart is not None
+    programs = work.wpart.shape[0] if spatial else 0
+    ksize = g.conv_w.shape[-1] if spatial else 1
     tblock = _pow2(2 * ksize ** 2)
-    args = (n, c, r, gz, ghidden, pooled, hidden, gw1, *_strides(gw1, 2), gb1, gw2,
-            *_strides(gw2, 2), gb2, programs, spatial and spatial.wpart, spatial and spatial.bn_part,
-            gconv, *_strides(gconv, 4)[1:], gbn_w, gbn_b)
-    meta = dict(CHANNEL=channel is not None, K=max(k, 1), ACT=ACT_CODES[act],
-                HAS_B1=gb1 is not None, HAS_B2=gb2 is not None, SPATIAL=spatial is not None,
-                KSIZE=ksize, HAS_BN_W=gbn_w is not None, HAS_BN_B=gbn_b is not None,
+    args = (n, c, r, work.gz, work.ghidden, work.pooled, work.hidden, g.w1, *_strides(g.w1, 2),
+            g.b1, g.w2, *_strides(g.w2, 2), g.b2, programs, work.wpart, work.bn_part,
+            g.conv_w, *_strides(g.conv_w, 4)[1:], g.bn_w, g.bn_b)
+    meta = dict(CHANNEL=work.gz is not None, K=max(k, 1), ACT=ACT_CODES[work.act],
+                HAS_B1=g.b1 is not None, HAS_B2=g.b2 is not None, SPATIAL=spatial,
+                KSIZE=ksize, HAS_BN_W=g.bn_w is not None, HAS_BN_B=g.bn_b is not None,
                 T_BLOCK_C=block_c, T_BLOCK_R=block_r, TBLOCK=tblock,
                 PBLOCK=max(PARTIAL_BLOCK, tblock))
-    return ParamGrads(GateParams(gw1, gb1, gw2, gb2, gconv, gbn_w, gbn_b), tasks, args, meta)
+    return tasks, args, meta
 
 
 def _strides(t: Optional[Tensor], dims: int) -> Tuple[int, ...]:
     """The first ``dims`` strides of ``t`` (a 1x1-conv weight's first two are its matrix's)."""
     return (0,) * dims if t is None else t.stride()[:dims]
-
-
-def param_grads(work: ParamGrads) -> None:
-    """Run the parameter-gradient tasks as a launch of their own (the CUDA backend's grad-input
-    pass is not a Triton kernel and cannot take them)."""
-    _param_grads_kernel[(work.tasks,)](*work.args, **work.meta, num_warps=WARPS)

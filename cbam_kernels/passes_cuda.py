@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .gate_math_triton import ParamGrads
 from .passes_torch import Partials
 
 
@@ -75,10 +76,16 @@ class OpPasses:
 
     def grad_input(self, gy: Tensor, x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
                    gp: Optional[Tensor], cstar: Optional[Tensor], max_first: bool,
-                   ga: Optional[Tensor], gm: Optional[Tensor],
-                   pstar: Optional[Tensor]) -> Tensor:
-        """gx = gx1 * ca + ga / (H*W) + gm * [hw == pstar], in x's dtype and memory format."""
-        return self._ops.grad_input(gy, x, ca, sa, gp, cstar, max_first, ga, gm, pstar)
+                   ga: Optional[Tensor], gm: Optional[Tensor], pstar: Optional[Tensor], *,
+                   tail: Optional[ParamGrads] = None) -> Tensor:
+        """gx = gx1 * ca + ga / (H*W) + gm * [hw == pstar], in x's dtype and memory format.
+        With ``tail``, the same launch also fills the parameter gradients ``tail.grads``."""
+        inputs, grads, silu = [], [], False
+        if tail is not None:
+            inputs = [tail.gz, tail.ghidden, tail.pooled, tail.hidden, tail.wpart, tail.bn_part]
+            grads, silu = list(tail.grads), tail.act == "silu"
+        return self._ops.grad_input(gy, x, ca, sa, gp, cstar, max_first, ga, gm, pstar, inputs,
+                                    grads, silu)
 
 
 def _extension_ops() -> Any:

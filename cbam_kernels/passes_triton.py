@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from .gate_math_triton import ParamGrads, param_grads_task
+from .gate_math_triton import ParamGrads, param_grads_launch, param_grads_task
 from .passes_torch import Partials
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -48,7 +48,6 @@ FAST_BLOCK_MAX = 1024   # widest block along the contiguous axis
 MIXED_BLOCK_MAX = 64    # widest block along either axis when tensors disagree on the layout
 TARGET_PROGRAMS = 512   # reductions split until they launch about this many programs
 NO_INDEX = tl.constexpr(2**31 - 1)
-TAKES_PARAM_GRADS = True  # grad_input runs the parameter-gradient tasks in its own launch
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -414,24 +413,16 @@ def grad_input(gy: Tensor, x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor]
                tail: Optional[ParamGrads] = None) -> Tensor:
     """gx = gx1 * ca + ga / (H*W) + gm * [hw == pstar] in x's dtype, laid out like
     ``torch.empty_like(x)``; gx1 as in :func:`grad_channel`. With ``tail``, the same launch also
-    fills the parameter gradients it describes."""
+    fills the parameter gradients ``tail.grads``."""
     assert gp is None or cstar is not None, "gp needs cstar"
     assert gm is None or pstar is not None, "gm needs pstar"
     return _gate(gy, x, ca, sa, gp, cstar, max_first, ga, gm, pstar, tail=tail)
 
 
-_NO_TAIL = dict(args=(0,) * 3 + (None,) * 4 + (None, 0, 0, None, None, 0, 0, None, 0, None, None,
-                                                None, 0, 0, 0, None, None),
-                meta=dict(CHANNEL=False, K=1, ACT=0, HAS_B1=False, HAS_B2=False, SPATIAL=False,
-                          KSIZE=1, HAS_BN_W=False, HAS_BN_B=False, T_BLOCK_C=1, T_BLOCK_R=1,
-                          PBLOCK=1, TBLOCK=1))
-
-
-def _tail_launch_args(tail: Optional[ParamGrads]) -> Tuple[int, tuple, dict]:
-    """(tasks, runtime args, constexprs) of the parameter-gradient tail for ``_gate_kernel``."""
-    if tail is None:
-        return 0, _NO_TAIL["args"], _NO_TAIL["meta"]
-    return tail.tasks, tail.args, tail.meta
+_NO_TAIL = ((0,) * 3 + (None,) * 4 + (None, 0, 0, None, None, 0, 0, None, 0, None, None, None,
+                                      0, 0, 0, None, None),
+            dict(CHANNEL=False, K=1, ACT=0, HAS_B1=False, HAS_B2=False, SPATIAL=False, KSIZE=1,
+                 HAS_BN_W=False, HAS_BN_B=False, T_BLOCK_C=1, T_BLOCK_R=1, PBLOCK=1, TBLOCK=1))
 
 
 def _gate(src: Tensor, like: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
@@ -447,7 +438,7 @@ def _gate(src: Tensor, like: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
     if out.numel() == 0:
         assert tail is None, "no parameter gradients from an empty batch"
         return out
-    tasks, tail_args, tail_meta = _tail_launch_args(tail)
+    tasks, tail_args, tail_meta = (0, *_NO_TAIL) if tail is None else param_grads_launch(tail)
     n, c, h, w = like.shape
     src, src_strides = _as_nc_hw(src)
     dst, dst_strides = _as_nc_hw(dst)

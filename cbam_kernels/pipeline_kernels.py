@@ -12,9 +12,9 @@ CBAM                5 (eval) / 6 (training)                6
 ==================  =====================================  =========================
 
 with [BN] the training-mode BatchNorm kernel (it also updates the running statistics). The
-parameter gradients ride in the grad-input launch on the Triton backend; on the CUDA backend
-(its grad-input pass is C++) they take one more launch. The ResNet epilogue adds no launch:
-apply takes the residual, and the first backward reduction masks gy by the ReLU.
+parameter gradients ride in the grad-input launch (extra programs of its grid, on both
+backends). The ResNet epilogue adds no launch: apply takes the residual, and the first backward
+reduction masks gy by the ReLU.
 """
 
 import contextlib
@@ -42,7 +42,6 @@ class KernelPipeline:
 
     def __init__(self, passes: ModuleType):
         self.passes = passes
-        self.fused_param_grads = getattr(passes, "TAKES_PARAM_GRADS", False)
 
     def forward(self, x: Tensor, residual: Optional[Tensor], params: GateParams,
                 cfg: GateConfig, bn: BatchNormState
@@ -86,9 +85,6 @@ class KernelPipeline:
             work = small.param_grads_work(
                 params, cfg.act, None if channel is None else (channel, channel_grads),
                 spatial_grads)
-            tail = {"tail": work} if self.fused_param_grads else {}
             gx = self.passes.grad_input(gy, x, ca, sa, gp, cstar, cfg.max_first, ga, gm, pstar,
-                                        **tail)
-            if not self.fused_param_grads:
-                small.param_grads(work)
+                                        tail=work)
         return GateGrads(gx, gres, work.grads)

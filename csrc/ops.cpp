@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -129,6 +130,92 @@ struct SmallInputs {
     f.ga = ptr<float>(ga);
     f.gm = ptr<float>(gm);
     f.pstar = ptr<int32_t>(pstar);
+  }
+};
+
+DType param_dtype(const Tensor& g, const char* name) {
+  switch (g.scalar_type()) {
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat;
+    default:
+      TORCH_CHECK(false, "cbam_kernels_cuda: ", name, " must be float16, bfloat16 or float32, got ",
+                  g.scalar_type());
+  }
+}
+
+// A parameter gradient the grad-input launch writes: checked to have `numel` elements in the
+// leading dims of `shape` (trailing 1x1 dims of a conv kernel allowed) on x's device.
+ParamGrad param_grad(const OptTensor& g, const Tensor& x, std::vector<int64_t> shape,
+                     const char* name) {
+  if (!g.has_value() || !g->defined()) return {};
+  TORCH_CHECK(g->device() == x.device(), "cbam_kernels_cuda: ", name, " is on ", g->device(),
+              ", x on ", x.device());
+  auto sizes = g->sizes().vec();
+  if (sizes.size() == 4 && shape.size() == 2 && sizes[2] == 1 && sizes[3] == 1) sizes.resize(2);
+  TORCH_CHECK(sizes == shape, "cbam_kernels_cuda: ", name, " must have shape ",
+              at::IntArrayRef(shape), ", got ", g->sizes());
+  ParamGrad out{g->data_ptr(), param_dtype(*g, name)};
+  for (int64_t d = 0; d < std::min<int64_t>(g->dim(), 4); ++d) out.strides[d] = g->stride(d);
+  return out;
+}
+
+// The parameter-gradient work of grad_input: the inputs (gz, ghidden, pooled, hidden, wpart,
+// bn_part; none, or six entries, each optional) and the gradients to fill (none, or gw1, gb1,
+// gw2, gb2, gconv, gbn_w, gbn_b), checked; the inputs must outlive the launch.
+struct TailInputs {
+  Tensor gz, ghidden, pooled, hidden, wpart, bn_part;
+  ParamTail tail;
+  TailInputs(const c10::List<OptTensor>& in, const c10::List<OptTensor>& grads, bool silu,
+             const Tensor& x) {
+    if (in.empty() && grads.empty()) return;
+    TORCH_CHECK(in.size() == 6 && grads.size() == 7, "cbam_kernels_cuda: grad_input takes 6 "
+                "parameter-gradient inputs and 7 gradients, got ", in.size(), " and ",
+                grads.size());
+    const auto input = [&](int i) { return OptTensor(in.get(i)); };
+    const OptTensor gz_ = input(0), wpart_ = input(4);
+    const int64_t N = x.size(0), C = x.size(1);
+    if (gz_ && gz_->defined()) {
+      const OptTensor pooled_ = input(2), hidden_ = input(3);
+      TORCH_CHECK(pooled_ && hidden_ && pooled_->dim() == 3 && hidden_->dim() == 3,
+                  "cbam_kernels_cuda: the channel gate's tail needs pooled and hidden (K, N, *)");
+      const int64_t K = pooled_->size(0), R = hidden_->size(2);
+      gz = small(gz_, x, {N, C}, at::kFloat, "gz");
+      ghidden = small(input(1), x, {K, N, R}, at::kFloat, "ghidden");
+      pooled = small(pooled_, x, {K, N, C}, at::kFloat, "pooled");
+      hidden = small(hidden_, x, {K, N, R}, at::kFloat, "hidden");
+      TORCH_CHECK(ghidden.defined(), "cbam_kernels_cuda: the channel gate's tail needs ghidden");
+      tail.gz = gz.const_data_ptr<float>();
+      tail.ghidden = ghidden.const_data_ptr<float>();
+      tail.pooled = pooled.const_data_ptr<float>();
+      tail.hidden = hidden.const_data_ptr<float>();
+      tail.N = N;
+      tail.C = C;
+      tail.R = R;
+      tail.K = K;
+      tail.silu = silu;
+      tail.gw1 = param_grad(grads.get(0), x, {R, C}, "gw1");
+      tail.gb1 = param_grad(grads.get(1), x, {R}, "gb1");
+      tail.gw2 = param_grad(grads.get(2), x, {C, R}, "gw2");
+      tail.gb2 = param_grad(grads.get(3), x, {C}, "gb2");
+      TORCH_CHECK(tail.gw1.data && tail.gw2.data, "cbam_kernels_cuda: gw1 and gw2 are needed");
+    }
+    if (wpart_ && wpart_->defined()) {
+      const OptTensor gconv_ = grads.get(4);
+      TORCH_CHECK(gconv_ && gconv_->dim() == 4 && wpart_->dim() == 2,
+                  "cbam_kernels_cuda: the spatial gate's tail needs gconv and wpart");
+      const int64_t k = gconv_->size(3), P = wpart_->size(0);
+      wpart = small(wpart_, x, {P, 2 * k * k}, at::kFloat, "wpart");
+      bn_part = small(input(5), x, {P, 2}, at::kFloat, "bn_part");
+      TORCH_CHECK(bn_part.defined(), "cbam_kernels_cuda: the spatial gate's tail needs bn_part");
+      tail.wpart = wpart.const_data_ptr<float>();
+      tail.bn_part = bn_part.const_data_ptr<float>();
+      tail.P = P;
+      tail.ksize = k;
+      tail.gconv = param_grad(gconv_, x, {1, 2, k, k}, "gconv");
+      tail.gbn_w = param_grad(grads.get(5), x, {1}, "gbn_w");
+      tail.gbn_b = param_grad(grads.get(6), x, {1}, "gbn_b");
+    }
   }
 };
 
@@ -270,18 +357,21 @@ std::tuple<Tensor, OptTensor> grad_channel(const Tensor& gy_, const Tensor& x_,
 
 Tensor grad_input(const Tensor& gy_, const Tensor& x_, const OptTensor& ca_, const OptTensor& sa_,
                   const OptTensor& gp_, const OptTensor& cstar_, bool max_first,
-                  const OptTensor& ga_, const OptTensor& gm_, const OptTensor& pstar_) {
+                  const OptTensor& ga_, const OptTensor& gm_, const OptTensor& pstar_,
+                  const c10::List<OptTensor>& tail_, const c10::List<OptTensor>& grads,
+                  bool silu) {
   check_x(x_);
   check_like_x(gy_, x_, "gy");
   const c10::cuda::CUDAGuard guard(x_.device());
   const Tensor gy = mergeable(gy_), ca = channel_gate(ca_, x_);  // x itself is not read
   const SmallInputs g(x_, sa_, gp_, cstar_, ga_, gm_, pstar_);
+  const TailInputs tail(tail_, grads, silu, x_);
   Small f;
   g.fill(f);
   f.ca = ptr<float>(ca);
   f.max_first = max_first;
   const FullOutput gx(x_);
-  cbam::grad_input(dtype_of(x_), shape_of(x_), in(gy), f, *view3(gx.dst), stream());
+  cbam::grad_input(dtype_of(x_), shape_of(x_), in(gy), f, tail.tail, *view3(gx.dst), stream());
   return gx.finish();
 }
 
@@ -296,7 +386,8 @@ void define_ops(torch::Library& m) {
   m.def("grad_channel(Tensor gy, Tensor x, Tensor? sa, Tensor? gp, Tensor? cstar, "
         "bool max_first, Tensor? out=None) -> (Tensor, Tensor?)");
   m.def("grad_input(Tensor gy, Tensor x, Tensor? ca, Tensor? sa, Tensor? gp, Tensor? cstar, "
-        "bool max_first, Tensor? ga, Tensor? gm, Tensor? pstar) -> Tensor");
+        "bool max_first, Tensor? ga, Tensor? gm, Tensor? pstar, Tensor?[] tail, "
+        "Tensor(a!)?[] grads, bool silu) -> Tensor");
 }
 
 void impl_ops(torch::Library& m) {

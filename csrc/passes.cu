@@ -166,14 +166,62 @@ void reduce(const Value& value, const Sink& sink, cudaStream_t stream) {
   }
 }
 
+// `tasks` blocks of op.task ahead of the elementwise ones (see elementwise_kernel).
 template <int VEC, typename Op>
-void elementwise(const Op& op, cudaStream_t stream) {
+void elementwise(const Op& op, cudaStream_t stream, int64_t tasks = 0) {
   const Dims& d = op.d;
   const int TX = pow2_at_least(ceil_div(d.I, VEC), kThreads), TY = kThreads / TX;
-  const int64_t row_blocks = std::min<int64_t>(ceil_div(d.N * d.O, TY), 0x7fffffff);
+  const int64_t row_blocks = std::min<int64_t>(ceil_div(d.N * d.O, TY), 0x7fffffff - tasks);
   const int64_t splits = std::min({std::max<int64_t>(1, ceil_div(kTargetBlocks, row_blocks)),
                                    ceil_div(d.I, int64_t(TX) * VEC), int64_t(65535)});
-  launch(elementwise_kernel<VEC, Op>, dim3(row_blocks, splits), dim3(TX, TY), stream, op);
+  const int64_t tail = ceil_div(tasks, splits);
+  launch(elementwise_kernel<VEC, Op>, dim3(tail + row_blocks, splits), dim3(TX, TY), stream, op,
+         tail);
+}
+
+GradStore grad_store(const ParamGrad& g) {
+  GradStore out;
+  std::copy(g.strides, g.strides + 4, out.s);
+  if (g.data == nullptr) return out;
+  switch (g.dt) {
+    case DType::kFloat: out.f32 = static_cast<float*>(g.data); break;
+    case DType::kHalf: out.f16 = static_cast<__half*>(g.data); break;
+    case DType::kBFloat16: out.bf16 = static_cast<__nv_bfloat16*>(g.data); break;
+  }
+  return out;
+}
+
+// The tasks of `tail`: one per kTaskChannels channels of the MLP, or one for the spatial gate
+// alone, or none.
+ParamTasks param_tasks(const ParamTail& t) {
+  ParamTasks p;
+  if (t.gz != nullptr) {
+    p.tasks = ceil_div(t.C, kTaskChannels);
+    p.gz = t.gz;
+    p.ghidden = t.ghidden;
+    p.pooled = t.pooled;
+    p.hidden = t.hidden;
+    p.N = t.N;
+    p.C = t.C;
+    p.R = t.R;
+    p.K = int(t.K);
+    p.silu = t.silu;
+    p.gw1 = grad_store(t.gw1);
+    p.gb1 = grad_store(t.gb1);
+    p.gw2 = grad_store(t.gw2);
+    p.gb2 = grad_store(t.gb2);
+  }
+  if (t.wpart != nullptr) {
+    p.tasks = std::max<int64_t>(p.tasks, 1);
+    p.wpart = t.wpart;
+    p.bn_part = t.bn_part;
+    p.P = t.P;
+    p.ksize = int(t.ksize);
+    p.gconv = grad_store(t.gconv);
+    p.gbn_w = grad_store(t.gbn_w);
+    p.gbn_b = grad_store(t.gbn_b);
+  }
+  return p;
 }
 
 bool empty(const Shape& s) { return s.N == 0 || s.C == 0 || s.HW == 0; }
@@ -243,14 +291,17 @@ void grad_channel(DType dt, Shape s, In gy, In x, const Small& f, EpilogueGrad e
   });
 }
 
-void grad_input(DType dt, Shape s, In gy, const Small& f, Out gx, cudaStream_t stream) {
+void grad_input(DType dt, Shape s, In gy, const Small& f, const ParamTail& tail, Out gx,
+                cudaStream_t stream) {
   if (empty(s)) return;
   const bool cl = channels_inner(as_in(gx));
   const int bytes =
       vec_bytes(dt, cl, s, {gy, as_in(gx)}, {f.ca, f.sa, f.gp, f.cstar, f.ga, f.gm, f.pstar});
+  const ParamTasks params = param_tasks(tail);
   dispatch(dt, bytes, cl, [&]<typename T, int V, bool CL>() {
-    elementwise<V>(GradInput<T, V, CL>{orient<CL, T>(gy), orient<CL, T>(gx), f, dims<CL>(s)},
-                   stream);
+    elementwise<V>(
+        GradInput<T, V, CL>{orient<CL, T>(gy), orient<CL, T>(gx), f, dims<CL>(s), params},
+        stream, params.tasks);
   });
 }
 

@@ -384,6 +384,8 @@ struct ApplyGates {
   View<Ptr<T>> y;
   Small f;
   Dims d;
+  __device__ __forceinline__ int64_t tasks() const { return 0; }
+  __device__ __forceinline__ void task(int64_t, int) const {}
   __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i) const {
     float v[VEC], s[VEC];
     load<VEC>(x.at(n, o, i), v);
@@ -398,13 +400,145 @@ struct ApplyGates {
   }
 };
 
-// gx = gx1 * ca + ga / HW + gm * [hw == pstar]  (x itself is not read).
+// ------------------------------------------------------------------ parameter gradients
+
+// A parameter gradient: float values stored in the parameter's dtype (at most one pointer set)
+// at element offsets from its strides s.
+struct GradStore {
+  Ptr<float> f32 = nullptr;
+  Ptr<__half> f16 = nullptr;
+  Ptr<__nv_bfloat16> bf16 = nullptr;
+  int64_t s[4] = {0, 0, 0, 0};
+  __device__ __forceinline__ bool present() const {
+    return f32 != nullptr || f16 != nullptr || bf16 != nullptr;
+  }
+  __device__ __forceinline__ void put(int64_t at, float v) const {
+    if (f32 != nullptr) f32[at] = v;
+    if (f16 != nullptr) f16[at] = from_float<__half>(v);
+    if (bf16 != nullptr) bf16[at] = from_float<__nv_bfloat16>(v);
+  }
+};
+
+constexpr int kTaskChannels = 16;  // channels of the MLP weights per task
+constexpr int kSubR = 1, kSubC = 2;  // a thread's tile of the weights: kSubR units x kSubC channels
+constexpr int kTileThreads = kTaskChannels / kSubC;  // threads across a task's channels
+
+// The parameter gradients, sums over the batch in a fixed order, as `tasks` tasks of a block
+// each (the math of param_grads_task in cbam_kernels/gate_math_triton.py): task t takes
+// channels [16 t, 16 t + 16) of gW1 = sum_kn ghidden (x) pooled, gW2 = sum_kn gz (x) act(hidden)
+// and gb2 = K sum_n gz, each thread a 1 x 2 tile of hidden units and channels at a time (few
+// registers: they count for the whole kernel); task 0 also gb1 = sum_kn ghidden and the spatial
+// gate's conv and BatchNorm gradients from the per-program partials wpart (P, 2 k k) and
+// bn_part (P, 2: sums of gv and of gv * xhat).
+struct ParamTasks {
+  int64_t tasks = 0;
+  Ptr<const float> gz = nullptr, ghidden = nullptr, pooled = nullptr, hidden = nullptr;
+  int64_t N = 0, C = 0, R = 0;
+  int K = 1;
+  bool silu = false;
+  GradStore gw1, gb1, gw2, gb2;
+  Ptr<const float> wpart = nullptr, bn_part = nullptr;
+  int64_t P = 0;
+  int ksize = 0;
+  GradStore gconv, gbn_w, gbn_b;
+
+  __device__ __forceinline__ float activation(float h) const {
+    if (silu) return h / (1.f + expf(-h));
+    return h < 0.f ? 0.f : h;  // NaN stays NaN, as torch.relu
+  }
+
+  __device__ void run(int64_t task, int t) const {
+    if (gz != nullptr) channel_weights(task, t);
+    if (task != 0) return;
+    if (gb1.present()) {
+      for (int64_t r = t; r < R; r += kThreads) {
+        float acc = 0.f;
+        for (int64_t row = 0; row < K * N; ++row) acc += ghidden[row * R + r];
+        gb1.put(r * gb1.s[0], acc);
+      }
+    }
+    if (wpart != nullptr) spatial(t);
+  }
+
+  __device__ void channel_weights(int64_t task, int t) const {
+    const int64_t c = task * kTaskChannels + (t % kTileThreads) * kSubC;
+    for (int64_t r = (t / kTileThreads) * kSubR; r < R; r += kThreads / kTileThreads * kSubR) {
+      float a1[kSubR][kSubC] = {}, a2[kSubC][kSubR] = {};
+#pragma unroll 1
+      for (int64_t n = 0; n < N; ++n) {
+        float g[kSubC];
+#pragma unroll
+        for (int j = 0; j < kSubC; ++j) g[j] = c + j < C ? gz[n * C + c + j] : 0.f;
+#pragma unroll 1
+        for (int k = 0; k < K; ++k) {
+          const int64_t row = k * N + n;
+          float gh[kSubR], act[kSubR], pv[kSubC];
+#pragma unroll
+          for (int i = 0; i < kSubR; ++i) {
+            gh[i] = r + i < R ? ghidden[row * R + r + i] : 0.f;
+            act[i] = r + i < R ? activation(hidden[row * R + r + i]) : 0.f;
+          }
+#pragma unroll
+          for (int j = 0; j < kSubC; ++j) pv[j] = c + j < C ? pooled[row * C + c + j] : 0.f;
+#pragma unroll
+          for (int i = 0; i < kSubR; ++i) {
+#pragma unroll
+            for (int j = 0; j < kSubC; ++j) {
+              a1[i][j] += gh[i] * pv[j];
+              a2[j][i] += g[j] * act[i];
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kSubR; ++i) {
+#pragma unroll
+        for (int j = 0; j < kSubC; ++j) {
+          if (r + i < R && c + j < C) {
+            gw1.put((r + i) * gw1.s[0] + (c + j) * gw1.s[1], a1[i][j]);
+            gw2.put((c + j) * gw2.s[0] + (r + i) * gw2.s[1], a2[j][i]);
+          }
+        }
+      }
+    }
+    const int64_t cb = task * kTaskChannels + t;
+    if (gb2.present() && t < kTaskChannels && cb < C) {
+      float acc = 0.f;
+      for (int64_t n = 0; n < N; ++n) acc += gz[n * C + cb];
+      gb2.put(cb * gb2.s[0], acc * float(K));
+    }
+  }
+
+  __device__ void spatial(int t) const {
+    const int taps = ksize * ksize;
+    for (int i = t; i < 2 * taps; i += kThreads) {
+      float acc = 0.f;
+      for (int64_t q = 0; q < P; ++q) acc += wpart[q * 2 * taps + i];
+      const int ch = i / taps, tap = i % taps;
+      gconv.put(ch * gconv.s[1] + (tap / ksize) * gconv.s[2] + (tap % ksize) * gconv.s[3], acc);
+    }
+    if (t != 0) return;
+    float sum_gv = 0.f, sum_gv_xhat = 0.f;
+    for (int64_t q = 0; q < P; ++q) {
+      sum_gv += bn_part[2 * q];
+      sum_gv_xhat += bn_part[2 * q + 1];
+    }
+    if (gbn_w.present()) gbn_w.put(0, sum_gv_xhat);
+    if (gbn_b.present()) gbn_b.put(0, sum_gv);
+  }
+};
+
+// gx = gx1 * ca + ga / HW + gm * [hw == pstar]  (x itself is not read); the launch's first
+// blocks run the parameter-gradient tasks.
 template <typename T, int VEC, bool CL>
 struct GradInput {
   View<Ptr<const T>> gy;
   View<Ptr<T>> gx;
   Small f;
   Dims d;
+  ParamTasks params;
+  __device__ __forceinline__ int64_t tasks() const { return params.tasks; }
+  __device__ __forceinline__ void task(int64_t t, int thread) const { params.run(t, thread); }
   __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i) const {
     float g[VEC], s[VEC];
     load<VEC>(gy.at(n, o, i), g);
@@ -430,15 +564,22 @@ struct GradInput {
 
 // One pass over the (N, O, I) index space: a (TX, TY) block takes TY rows (n, o) at a time and
 // walks each along I, VEC elements per thread; blockIdx.y splits I when there are few rows.
+// The first `tail` columns of blocks (blockIdx.x < tail) run op.task(0 .. op.tasks() - 1)
+// instead, numbered blockIdx.x * gridDim.y + blockIdx.y.
 // Traffic: one read of each full-size input of Op (x and the residual, or gy), one write.
 template <int VEC, typename Op>
-__global__ void __launch_bounds__(kThreads) elementwise_kernel(const Op op) {
+__global__ void __launch_bounds__(kThreads) elementwise_kernel(const Op op, int64_t tail) {
+  if (blockIdx.x < tail) {
+    const int64_t t = int64_t(blockIdx.x) * gridDim.y + blockIdx.y;
+    if (t < op.tasks()) op.task(t, threadIdx.y * blockDim.x + threadIdx.x);
+    return;
+  }
   const Dims& d = op.d;
   const int64_t rows = d.N * d.O;
   const int64_t i0 = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
   const int64_t i_step = int64_t(gridDim.y) * blockDim.x * VEC;
-  for (int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; row < rows;
-       row += int64_t(gridDim.x) * blockDim.y) {
+  for (int64_t row = (int64_t(blockIdx.x) - tail) * blockDim.y + threadIdx.y; row < rows;
+       row += (int64_t(gridDim.x) - tail) * blockDim.y) {
     const int64_t n = divide(row, d.O), o = row - n * d.O;
     for (int64_t i = i0; i < d.I; i += i_step) op(n, o, i);
   }

@@ -72,6 +72,33 @@ struct EpilogueGrad {
   Out gres;
 };
 
+// A parameter gradient to write: its parameter's dtype and strides; data nullptr: absent.
+struct ParamGrad {
+  void* data = nullptr;
+  DType dt = DType::kFloat;
+  int64_t strides[4] = {0, 0, 0, 0};
+};
+
+// The parameter gradients that grad_input's launch also computes (sums over the batch; see
+// ParamTasks in passes.cuh). Channel gate (gz nullptr: absent): gz (N, C), ghidden and hidden
+// (K, N, R), pooled (K, N, C), the MLP's activation (silu, else relu), and gw1 (R, C), gb1 (R),
+// gw2 (C, R), gb2 (C). Spatial gate (wpart nullptr: absent): P per-program partials wpart
+// (P, 2 k k) and bn_part (P, 2), and gconv (1, 2, k, k), gbn_w (1), gbn_b (1). All inputs are
+// float32 and contiguous.
+struct ParamTail {
+  const float* gz = nullptr;
+  const float* ghidden = nullptr;
+  const float* pooled = nullptr;
+  const float* hidden = nullptr;
+  int64_t N = 0, C = 0, R = 0, K = 1;
+  bool silu = false;
+  ParamGrad gw1, gb1, gw2, gb2;
+  const float* wpart = nullptr;
+  const float* bn_part = nullptr;
+  int64_t P = 0, ksize = 0;
+  ParamGrad gconv, gbn_w, gbn_b;
+};
+
 // S, the number of ranges that the reduction over H*W (over_hw) or over C of x cuts its axis
 // into, as the launchers do: from the shape and which axis of x is contiguous only (not the
 // dtype, alignment or GPU); 1 when x is empty.
@@ -90,8 +117,10 @@ void grad_spatial(DType dt, Shape s, In gy, In x, const Small& f, EpilogueGrad e
 // Partial sums over H*W of gx1 * x, gx1 = g * sa + gp_mean / C + gp_max * [c == cstar]; K = C.
 void grad_channel(DType dt, Shape s, In gy, In x, const Small& f, EpilogueGrad e, float* sum,
                   cudaStream_t stream);
-// gx = gx1 * ca + ga / HW + gm * [hw == pstar]  (uses every field of f; x is not needed).
-void grad_input(DType dt, Shape s, In gy, const Small& f, Out gx, cudaStream_t stream);
+// gx = gx1 * ca + ga / HW + gm * [hw == pstar]  (uses every field of f; x is not needed); the
+// same launch writes the parameter gradients of `tail`.
+void grad_input(DType dt, Shape s, In gy, const Small& f, const ParamTail& tail, Out gx,
+                cudaStream_t stream);
 
 // Whether the kernels hold an image (SASS or PTX) that runs on the current device.
 bool has_kernel_image();

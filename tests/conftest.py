@@ -76,12 +76,6 @@ class KernelPipeline(NamedTuple):
     name: str
     pipeline: object
 
-    @property
-    def param_grads_launches(self) -> int:
-        """Launches the parameter gradients add to a backward (none when they ride in the
-        grad-input pass)."""
-        return 0 if self.pipeline.fused_param_grads else 1
-
 
 def kernel_pipeline_names():
     """The kernel pipelines that can run here, as pytest params (marked ``triton``)."""

@@ -52,8 +52,8 @@ SCHEMAS = {
     "grad_channel": "grad_channel(Tensor gy, Tensor x, Tensor? sa, Tensor? gp, Tensor? cstar, "
                     "bool max_first, Tensor? out=None) -> (Tensor, Tensor?)",
     "grad_input": "grad_input(Tensor gy, Tensor x, Tensor? ca, Tensor? sa, Tensor? gp, "
-                  "Tensor? cstar, bool max_first, Tensor? ga, Tensor? gm, Tensor? pstar) "
-                  "-> Tensor",
+                  "Tensor? cstar, bool max_first, Tensor? ga, Tensor? gm, Tensor? pstar, "
+                  "Tensor?[] tail, Tensor?(a!)[] grads, bool silu) -> Tensor",
     "has_kernel_image": "has_kernel_image(int device) -> bool",
 }
 
@@ -93,12 +93,14 @@ def test_cpu_tensors_are_refused():
 def test_passes_cuda_has_the_spec_parameters():
     """The parameters of the specification's passes, but for pool_hw's keepdim (a shape the
     specification's own pipeline wants), channel_pool's max_first (the consumer of its
-    partials orders the map) and the epilogue's out of grad_spatial and grad_channel.
-    Importing passes_cuda does not need the extension."""
+    partials orders the map), the epilogue's out of grad_spatial and grad_channel and
+    grad_input's tail (the parameter gradients its launch computes too). Importing
+    passes_cuda does not need the extension."""
     from cbam_kernels import passes_cuda
     changed = {"pool_hw": ["x", "with_max"], "channel_pool": ["x", "ca"],
                "grad_spatial": ["gy", "x", "ca", "out"],
-               "grad_channel": ["gy", "x", "sa", "gp", "cstar", "max_first", "out"]}
+               "grad_channel": ["gy", "x", "sa", "gp", "cstar", "max_first", "out"],
+               "grad_input": [*inspect.signature(ref.grad_input).parameters, "tail"]}
     for name in PASSES:
         parameters = list(inspect.signature(getattr(passes_cuda, name)).parameters)
         assert parameters == changed.get(name, list(inspect.signature(getattr(ref, name))

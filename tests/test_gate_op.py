@@ -257,25 +257,27 @@ def test_kernel_pipeline_splits_its_reductions(kernel_pipeline):
     assert min(splits.values()) > 1, splits
 
 
-def test_kernel_pipeline_low_precision_and_odd_parameters(kernel_pipeline):
-    """float16 parameters and running statistics (read and written in their dtype), a
+@pytest.mark.parametrize("dtype,act", [(torch.float16, "silu"), (torch.bfloat16, "relu")],
+                         ids=["float16-silu", "bfloat16-relu"])
+def test_kernel_pipeline_low_precision_and_odd_parameters(kernel_pipeline, dtype, act):
+    """Low-precision parameters and running statistics (read and written in their dtype), a
     channels_last conv weight (its gradient with the same strides), no biases, cumulative
-    BatchNorm momentum (num_batches_tracked counted in-kernel)."""
+    BatchNorm momentum (num_batches_tracked counted in-kernel), either MLP activation."""
     pipeline = kernel_pipeline.pipeline
     shape = (2, 12, 5, 6)
-    t = {k: v.detach() for k, v in gate_inputs(*shape, r=4, k=3, dtype=torch.float16,
+    t = {k: v.detach() for k, v in gate_inputs(*shape, r=4, k=3, dtype=dtype,
                                                 device=DEVICE).items()}
     params = GateParams(t["w1"], None, t["w2"], None,
                         t["conv_w"].to(memory_format=torch.channels_last), t["bn_w"], t["bn_b"])
-    gy = torch.randn(shape, device=DEVICE).half()
-    mean, var = running_stats(torch.float16, DEVICE)
+    gy = torch.randn(shape, device=DEVICE).to(dtype)
+    mean, var = running_stats(dtype, DEVICE)
     bn = BatchNormState(mean, var, torch.tensor(0, device=DEVICE), 1e-5, None, True)
-    truth, specs = references(t["x"], None, gy, params, GateConfig(), bn)
-    y, channel, spatial = pipeline.forward(t["x"], None, params, GateConfig(), bn)
-    grads = pipeline.backward(gy, t["x"], None, params, GateConfig(), bn, channel, spatial)
-    dtypes = {f"g{k}": torch.float16 for k in PARAMS}
-    dtypes.update(y=torch.float16, gx=torch.float16, running_mean=torch.float16,
-                  running_var=torch.float16)
+    cfg = GateConfig(act=act)
+    truth, specs = references(t["x"], None, gy, params, cfg, bn)
+    y, channel, spatial = pipeline.forward(t["x"], None, params, cfg, bn)
+    grads = pipeline.backward(gy, t["x"], None, params, cfg, bn, channel, spatial)
+    dtypes = {f"g{k}": dtype for k in PARAMS}
+    dtypes.update(y=dtype, gx=dtype, running_mean=dtype, running_var=dtype)
     check_against_spec(results(y, channel, spatial, bn, grads), truth, specs, dtypes)
     assert int(bn.num_batches_tracked) == 1
     assert grads.params.conv_w.stride() == params.conv_w.stride()

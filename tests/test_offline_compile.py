@@ -38,6 +38,10 @@ KNOWN_SPILLS = {
     ("triton", 80, "_gate_kernel", "bf16 HAS_CA HAS_SA HAS_GP HAS_GA HAS_GM BLOCK_C=64 BLOCK_HW=64 "
      "CHANNEL HAS_B1 HAS_B2 SPATIAL HAS_BN_W HAS_BN_B T_BLOCK_C=16 T_BLOCK_R=128 PBLOCK=1024 "
      "TBLOCK=128"),
+    # grad_input with the parameter-gradient tail, SE, fp32 NCHW with gy in channels_last:
+    # 28 B spilled (14 LDL/STL) in the elementwise part at 64 registers, sm_80, sm_86, sm_89.
+    *(("triton", arch, "_gate_kernel", "fp32 HAS_CA HAS_GA BLOCK_C=32 BLOCK_HW=128 CHANNEL "
+       "HAS_B1 HAS_B2 T_BLOCK_C=16 T_BLOCK_R=2 PBLOCK=1024 TBLOCK=2") for arch in (80, 86, 89)),
     # Outer reductions (the channels_last pool over H*W, grad_channel in channels_last and
     # grad_spatial in NCHW): 8 B spilled inside the loop at 32-48 registers, sm_80 only (ptxas's
     # choice: with -maxrregcount=64 three of the four do not spill).
@@ -45,6 +49,9 @@ KNOWN_SPILLS = {
     ("cuda", 80, "reduce_outer_kernel", "<false, 2, Gx1X<float, 2, true> >"),
     ("cuda", 80, "reduce_outer_kernel", "<false, 4, GyXCa<__half, 4, false> >"),
     ("cuda", 80, "reduce_outer_kernel", "<false, 4, GyXCa<__nv_bfloat16, 4, false> >"),
+    # grad_input with the parameter-gradient tasks, float32 NCHW, one-element path: 40 B spilled
+    # at 48 registers, sm_80 only.
+    ("cuda", 80, "elementwise_kernel", "<1, GradInput<float, 1, false> >"),
     # apply_gates, float16 NCHW, 16-byte path: 8 B spilled at 40 registers, sm_90 only.
     ("cuda", 90, "elementwise_kernel", "<8, ApplyGates<__half, 8, false> >"),
 }
