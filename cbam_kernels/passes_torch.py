@@ -27,6 +27,7 @@ small kernel that consumes them combines the S results in range order, as
 deterministic.
 """
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -61,6 +62,19 @@ def combine_partials(partials: Partials) -> Tuple[Tensor, Optional[Tensor], Opti
         take = (m > mx) | (m.isnan() & ~mx.isnan())
         mx, arg = torch.where(take, m, mx), torch.where(take, a, arg)
     return total, mx, arg
+
+
+@functools.lru_cache(maxsize=4096)
+def merged_hw_stride(shape: Tuple[int, ...], strides: Tuple[int, ...]) -> Optional[int]:
+    """The stride of the merged H*W axis of a 4-D tensor of this shape and these strides, or
+    None when its H and W dims do not merge into one strided axis. The kernel backends address
+    every full-size tensor as (N, C, H*W) and copy one whose H and W do not merge."""
+    _, _, h, w = shape
+    if w == 1:
+        return strides[2]
+    if h == 1 or strides[2] == w * strides[3]:
+        return strides[3]
+    return None
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:

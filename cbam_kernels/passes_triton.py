@@ -40,7 +40,7 @@ from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
 from .gate_math_triton import ParamGrads, param_grads_launch, param_grads_task
-from .passes_torch import Partials
+from .passes_torch import Partials, merged_hw_stride
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE = 4096             # elements per program tile
@@ -224,17 +224,7 @@ def _gate_kernel(src_ptr, res_ptr, out_ptr, ca_ptr, sa_ptr, gp_ptr, cstar_ptr, g
 
 def _hw_stride(t: Tensor) -> Optional[int]:
     """Stride of t's merged H*W axis, or None when its H and W dims do not merge."""
-    return _merged_hw_stride(t.shape, t.stride())
-
-
-@functools.lru_cache(maxsize=4096)
-def _merged_hw_stride(shape: Tuple[int, ...], strides: Tuple[int, ...]) -> Optional[int]:
-    _, _, h, w = shape
-    if w == 1:
-        return strides[2]
-    if h == 1 or strides[2] == w * strides[3]:
-        return strides[3]
-    return None
+    return merged_hw_stride(t.shape, t.stride())
 
 
 def _as_nc_hw(t: Tensor) -> Tuple[Tensor, Tuple[int, int, int]]:
@@ -252,7 +242,7 @@ def _nc_hw_strides(shape: Tuple[int, ...], strides: Tuple[int, ...]
                    ) -> Optional[Tuple[int, int, int]]:
     """(sN, sC, sHW) of a tensor of this shape and these strides, None when H and W do not
     merge."""
-    s_hw = _merged_hw_stride(shape, strides)
+    s_hw = merged_hw_stride(shape, strides)
     if s_hw is None:
         return None
     _, c, h, w = shape

@@ -27,6 +27,7 @@ from torch import Tensor
 from . import gate_math_triton as small
 from .gate_math import (BatchNormState, ChannelSaved, GateConfig, GateGrads, GateParams,
                         SpatialSaved)
+from .passes_torch import merged_hw_stride
 
 
 def _on_device(x: Tensor) -> ContextManager:
@@ -34,6 +35,24 @@ def _on_device(x: Tensor) -> ContextManager:
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         return torch.cuda.device(x.device)
     return contextlib.nullcontext()
+
+
+def _mergeable(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t``, or one contiguous copy of it when its H and W dims do not merge (every pass
+    then reads the copy, instead of each pass copying ``t`` again)."""
+    if t is None or merged_hw_stride(t.shape, t.stride()) is not None:
+        return t
+    return t.contiguous()
+
+
+def _laid_out_like(t: Optional[Tensor], like: Tensor, copy: Tensor) -> Optional[Tensor]:
+    """A full-size result ``t``, computed from ``copy`` (``like`` or its contiguous copy), laid
+    out like ``torch.empty_like(like)`` as every result of the op is."""
+    if t is None or copy is like:
+        return t
+    out = torch.empty_like(like)
+    out.copy_(t)
+    return out
 
 
 class KernelPipeline:
@@ -49,6 +68,7 @@ class KernelPipeline:
         """As ``pipeline_torch.forward``."""
         _, _, h, w = x.shape
         channel = spatial = None
+        given, x, residual = x, _mergeable(x), _mergeable(residual)
         with _on_device(x):
             if params.w1 is not None:
                 channel = small.channel_mlp(self.passes.pool_hw(x, cfg.use_max), params.w1,
@@ -59,13 +79,15 @@ class KernelPipeline:
                 spatial = small.spatial_gate(self.passes.channel_pool(x, ca), params.conv_w,
                                              params.bn_w, params.bn_b, bn, cfg.max_first, h, w)
             sa = spatial.sa.view(-1, h, w) if spatial is not None else None
-            return self.passes.apply_gates(x, ca, sa, residual), channel, spatial
+            y = self.passes.apply_gates(x, ca, sa, residual)
+        return _laid_out_like(y, given, x), channel, spatial
 
     def backward(self, gy: Tensor, x: Tensor, out: Optional[Tensor], params: GateParams,
                  cfg: GateConfig, bn: BatchNormState, channel: Optional[ChannelSaved],
                  spatial: Optional[SpatialSaved]) -> GateGrads:
         """As ``pipeline_torch.backward``."""
         n, _, h, w = x.shape
+        given, x, gy, out = x, _mergeable(x), _mergeable(gy), _mergeable(out)
         ca = channel.ca if channel is not None else None
         sa = spatial.sa.view(n, h, w) if spatial is not None else None
         gres = gp = cstar = spatial_grads = channel_grads = ga = gm = pstar = None
@@ -87,4 +109,5 @@ class KernelPipeline:
                 spatial_grads)
             gx = self.passes.grad_input(gy, x, ca, sa, gp, cstar, cfg.max_first, ga, gm, pstar,
                                         tail=work)
-        return GateGrads(gx, gres, work.grads)
+        return GateGrads(_laid_out_like(gx, given, x), _laid_out_like(gres, given, x),
+                         work.grads)

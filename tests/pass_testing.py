@@ -24,8 +24,13 @@ GATES = {
 
 
 def to_layout(t, layout):
-    """``t`` in channels_last for layout "cl", else contiguous (NCHW)."""
-    return t.contiguous(memory_format=torch.channels_last) if layout == "cl" else t.contiguous()
+    """``t`` in channels_last for layout "cl", dense with H and W apart (strides of an
+    (N, H, C, W) tensor: they do not merge) for "hw_apart", else contiguous (NCHW)."""
+    if layout == "cl":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "hw_apart":
+        return t.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    return t.contiguous()
 
 
 def rand_full(shape, dtype, layout="nchw", seed=0):

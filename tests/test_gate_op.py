@@ -218,7 +218,19 @@ def test_kernel_pipeline_matches_spec(kernel_pipeline, shape, dtype, layout, gat
     every saved tensor, the running statistics after the step, every gradient (residual
     epilogue), in training and in eval; full-size results in x's dtype and empty_like(x)'s
     strides, parameter gradients in their parameter's."""
-    pipeline = kernel_pipeline.pipeline
+    check_pipeline(kernel_pipeline.pipeline, shape, dtype, layout, gates, pools)
+
+
+@pytest.mark.parametrize("gates,pools", GATE_CONFIGS[:1] + GATE_CONFIGS[3:], ids=str)
+def test_kernel_pipeline_layout_whose_h_and_w_do_not_merge(kernel_pipeline, gates, pools):
+    """x, the residual and gy dense with H and W apart (copied once for the kernels): results
+    as the specification's, laid out like empty_like(x)."""
+    check_pipeline(kernel_pipeline.pipeline, (2, 33, 9, 11), torch.float16, "hw_apart", gates,
+                   pools)
+
+
+def check_pipeline(pipeline, shape, dtype, layout, gates, pools):
+    """The comparison of :func:`test_kernel_pipeline_matches_spec` for one case."""
     n, c, h, w = shape
     t = gate_inputs(n, c, h, w, r=max(1, c // 16), k=5, dtype=dtype, device=DEVICE,
                     param_dtype=torch.float32)

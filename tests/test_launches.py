@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate
-from pass_testing import DEVICE, to_layout
+from cbam_kernels.passes_torch import merged_hw_stride
+from pass_testing import DEVICE, odd_layout, to_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
 from benchmarks.launches import module_launches  # noqa: E402
@@ -86,3 +87,19 @@ def test_cases_split_their_reductions(kernel_pipeline):
     assert passes.channel_pool(torch.randn(CASES[2][0], device=DEVICE), None).sum.shape[0] > 1
     x = to_layout(torch.randn(CASES[3][0], device=DEVICE), "cl")
     assert passes.pool_hw(x, True).sum.shape[0] > 1
+
+
+def test_a_layout_whose_h_and_w_do_not_merge_is_copied_once(kernel_pipeline):
+    """x, and so y, gy and gx, in a dense layout whose H and W do not merge (the kernels address
+    (N, C, H*W)): besides the kernels, a forward copies x once and y once into x's layout, a
+    backward x, gy and gx once each, not once per pass."""
+    x = odd_layout("permuted_dense", (2, 16, 5, 6))
+    assert merged_hw_stride(x.shape, x.stride()) is None
+    module = CBAM(16, 4).to(DEVICE)
+    eval_fwd, train_fwd, bwd = MODULES["cbam"][1]
+    train = module_launches(module, x, True, True)
+    counts = {"eval forward": (module_launches(module, x, False, False)["forward"], eval_fwd + 2),
+              "train forward": (train["forward"], train_fwd + 2),
+              "train backward": (train["backward"], bwd + 3)}
+    for what, (launches, expected) in counts.items():
+        assert launches.total == expected, f"{what}: {launches.names()}"
