@@ -7,8 +7,9 @@ channels_last, forward and forward+backward, every provider (eager reference, to
 Triton, CUDA when built). Without one: the CPU providers (eager reference, ours on the torch
 backend) on small shapes, all four ops, on one thread (steadier on small, shared machines), then
 a line saying that GPU numbers need a GPU. Both: the host time per call of CBAM and SE on a tiny
-input (``test_bench_host.py``) and the launch table (``launch_table.py``; without a GPU the
-Triton kernels run through Triton's interpreter to be counted).
+input (``test_bench_host.py``), the launch table (``launch_table.py``; without a GPU the
+Triton kernels run through Triton's interpreter to be counted) and the host time of the kernel
+path with its launches stubbed (``host_stubbed.py``, on CPU tensors).
 The JSON, results.md and the charts go to DIR (default .benchmarks/main).
 """
 
@@ -57,10 +58,12 @@ def main(argv=None) -> int:
     if results.host:
         print("\n### host time per call\n")
         print(report.host_table(results.host))
-    launches = subprocess.run([sys.executable, str(REPO / "benchmarks" / "launch_table.py")],
+    for title, script in (("launches per call", "launch_table.py"),
+                          ("host time per call without the launches", "host_stubbed.py")):
+        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script)],
                               capture_output=True, text=True)
-    print("\n### launches per call\n")
-    print(launches.stdout if launches.returncode == 0 else launches.stderr[-2000:])
+        print(f"\n### {title}\n")
+        print(done.stdout if done.returncode == 0 else done.stderr[-2000:])
     print(f"\nfull report: {report.write_report(json_path, args.out)}")
     if not gpu:
         print("These are CPU numbers of the CPU providers; GPU numbers (Triton, CUDA, "
