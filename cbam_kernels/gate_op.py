@@ -118,12 +118,13 @@ def _unpack(tensors: Sequence[Tensor], present: Sequence[bool]) -> GateParams:
 
 
 def _saved_list(channel: Optional[ChannelSaved], spatial: Optional[SpatialSaved],
-                x: Tensor) -> List[Tensor]:
-    """The saved tensors as one list, a distinct empty tensor (outputs of an op may not alias)
-    standing for each absent one."""
+                like: Optional[Tensor] = None) -> List[Optional[Tensor]]:
+    """The saved tensors as one list, None standing for each absent one, or with ``like`` a
+    distinct empty tensor like it (the outputs of a custom op are tensors that do not alias)."""
     ch = list(channel) if channel is not None else [None] * len(ChannelSaved._fields)
     sp = list(spatial) if spatial is not None else [None] * len(SpatialSaved._fields)
-    return [x.new_empty(0) if t is None else t for t in ch + sp]
+    saved = ch + sp
+    return saved if like is None else [like.new_empty(0) if t is None else t for t in saved]
 
 
 def _saved_tuples(saved: Sequence[Tensor], params: GateParams, cfg: GateConfig
@@ -150,7 +151,7 @@ class _FusedGate(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.pipeline, ctx.cfg, ctx.bn = pipeline, cfg, bn
         ctx.save_for_backward(x, y if residual is not None else None, *params,
-                              *_saved_list(channel, spatial, x))
+                              *_saved_list(channel, spatial))
         return y
 
     @staticmethod
@@ -203,7 +204,7 @@ def gate_forward(x: Tensor, residual: Optional[Tensor], params: List[Tensor],
     with torch.autocast(x.device.type, enabled=False):
         y, channel, spatial = backend.pipeline_for(x).forward(x, residual,
                                                               _unpack(params, present), cfg, bn)
-    return [y, *_saved_list(channel, spatial, x)]
+    return [y, *_saved_list(channel, spatial, like=x)]
 
 
 @gate_forward.register_fake
