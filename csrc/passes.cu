@@ -1,6 +1,6 @@
 // Launchers of the six passes: layout and vector width, launch geometry, dtype dispatch.
 //
-// The layout is read off x: channels-last-like (C innermost, CL) when x has stride 1 along C
+// The layout is read off x: channels-last-like (C innermost, kCl) when x has stride 1 along C
 // and not along H*W, NCHW-like otherwise. Vector loads and stores (16, else 8 bytes) are used
 // when every full-size tensor of the launch is contiguous along the inner axis with aligned
 // rows; other strides (a gy in another memory format, say) take the one-element kernels. Every
@@ -8,6 +8,7 @@
 // every GPU.
 #include <algorithm>
 #include <initializer_list>
+#include <utility>
 
 #include "passes.cuh"
 #ifndef CBAM_EMULATION  // the CPU emulation (tests/cuda_emulation) brings its own launch()
@@ -42,26 +43,39 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t strea
 
 bool channels_inner(const In& x) { return x.sC == 1 && x.sHW != 1; }
 
-template <bool CL, typename T>
+// The (sO, sI) strides of a tensor with strides (sC, sHW) in layout L (kFlat: its samples are
+// contiguous).
+template <int L>
+std::pair<int64_t, int64_t> outer_inner(int64_t sC, int64_t sHW) {
+  if constexpr (L == kFlat) return {0, 1};
+  if constexpr (L == kCl) return {sHW, sC};
+  return {sC, sHW};
+}
+
+template <int L, typename T>
 View<Ptr<const T>> orient(const In& t) {
-  return {static_cast<const T*>(t.data), t.sN, CL ? t.sHW : t.sC, CL ? t.sC : t.sHW};
+  const auto [sO, sI] = outer_inner<L>(t.sC, t.sHW);
+  return {static_cast<const T*>(t.data), t.sN, sO, sI};
 }
 
-template <bool CL, typename T>
+template <int L, typename T>
 View<Ptr<T>> orient(const Out& t) {
-  return {static_cast<T*>(t.data), t.sN, CL ? t.sHW : t.sC, CL ? t.sC : t.sHW};
+  const auto [sO, sI] = outer_inner<L>(t.sC, t.sHW);
+  return {static_cast<T*>(t.data), t.sN, sO, sI};
 }
 
-template <bool CL, typename T, int VEC>
+template <int L, typename T, int VEC>
 EpilogueGy<T, VEC> epilogue_gy(const In& gy, const EpilogueGrad& e) {
-  return {orient<CL, T>(gy), orient<CL, T>(e.out), orient<CL, T>(e.gres)};
+  return {orient<L, T>(gy), orient<L, T>(e.out), orient<L, T>(e.gres)};
 }
 
 In as_in(const Out& t) { return {t.data, t.sN, t.sC, t.sHW}; }
 
-template <bool CL>
+template <int L>
 Dims dims(const Shape& s) {
-  return {s.N, CL ? s.HW : s.C, CL ? s.C : s.HW, s.C, s.HW, 1.f / float(s.C), 1.f / float(s.HW)};
+  const int64_t O = L == kFlat ? 1 : L == kCl ? s.HW : s.C;
+  const int64_t I = L == kFlat ? s.C * s.HW : L == kCl ? s.C : s.HW;
+  return {s.N, O, I, s.C, s.HW, 1.f / float(s.C), 1.f / float(s.HW)};
 }
 
 // Whether `vec` elements of `elem` bytes can be loaded at once from every full-size tensor
@@ -95,20 +109,47 @@ int vec_bytes(DType dt, bool cl, const Shape& s, std::initializer_list<In> full,
   return 0;
 }
 
+// Whether 16-byte loads and stores fit the flat view (kFlat) of NCHW tensors: every full-size
+// tensor present holds each sample's C*H*W elements contiguously (in NCHW order), aligned.
+// Small tensors are read one element at a time there.
+bool flat_fits(DType dt, const Shape& s, std::initializer_list<In> full) {
+  const int vec = 16 / elem_size(dt);
+  bool fits = s.C * s.HW % vec == 0;
+  for (const In& t : full) {
+    fits = fits && (t.data == nullptr ||
+                    ((t.sHW == 1 || s.HW == 1) && (t.sC == s.HW || s.C == 1) &&
+                     t.sN % vec == 0 && reinterpret_cast<uintptr_t>(t.data) % 16 == 0));
+  }
+  return fits;
+}
+
+// The layout and bytes per access of an elementwise pass over NCHW-like (cl false) or
+// channels-last-like tensors: the flat view where it moves 16 bytes and the rows do not.
+std::pair<int, int> elementwise_layout(DType dt, bool cl, const Shape& s,
+                                       std::initializer_list<In> full,
+                                       std::initializer_list<const void*> small) {
+  const int rows = vec_bytes(dt, cl, s, full, small);
+  if (cl) return {kCl, rows};
+  return rows < 16 && flat_fits(dt, s, full) ? std::pair{kFlat, 16} : std::pair{kNchw, rows};
+}
 template <typename T>
 struct Tag {
   using type = T;
 };
 
-// Calls f.template operator()<T, VEC, CL>() for the dtype T, with VEC = bytes / sizeof(T), or 1.
-template <typename F>
-void dispatch(DType dt, int bytes, bool cl, F&& f) {
+// Calls f.template operator()<T, VEC, L>() for the dtype T, with VEC = bytes / sizeof(T) (or 1)
+// and the layout L (kFlat, with 16 bytes, only where kWithFlat: the elementwise passes).
+template <bool kWithFlat = false, typename F>
+void dispatch(DType dt, int bytes, int layout, F&& f) {
   auto with_type = [&]<typename T>(Tag<T>) {
     auto with_vec = [&]<int VEC>() {
-      if (cl)
-        f.template operator()<T, VEC, true>();
-      else
-        f.template operator()<T, VEC, false>();
+      if (layout == kCl) {
+        f.template operator()<T, VEC, kCl>();
+      } else if (layout == kNchw) {
+        f.template operator()<T, VEC, kNchw>();
+      } else if constexpr (kWithFlat && VEC * sizeof(T) == 16) {
+        f.template operator()<T, VEC, kFlat>();
+      }
     };
     if (bytes == 16)
       with_vec.template operator()<16 / sizeof(T)>();
@@ -146,10 +187,10 @@ Split split_of(int64_t N, int64_t C, int64_t HW, bool over_hw, bool inner) {
 
 // Reduce `value` over H*W (REDUCE_HW) or over C into the partials of `sink`, one range of the
 // reduced axis per group of lanes (inner axis) or per block row (outer axis).
-template <bool kMax, bool REDUCE_HW, int VEC, bool CL, typename Value>
+template <bool kMax, bool REDUCE_HW, int VEC, int L, typename Value>
 void reduce(const Value& value, const Sink& sink, cudaStream_t stream) {
   const Dims& d = value.d;
-  constexpr bool kInner = REDUCE_HW != CL;  // the reduced axis is the inner one
+  constexpr bool kInner = REDUCE_HW != (L == kCl);  // the reduced axis is the inner one
   const Split split = split_of(d.N, d.C, d.HW, REDUCE_HW, kInner);
   if constexpr (kInner) {
     const int64_t range = std::min(split.chunk, d.I);
@@ -235,34 +276,34 @@ int64_t splits(Shape s, In x, bool over_hw) {
 void pool_hw(DType dt, Shape s, In x, Partials p, cudaStream_t stream) {
   if (empty(s)) return;
   const bool cl = channels_inner(x);
-  dispatch(dt, vec_bytes(dt, cl, s, {x}, {}), cl, [&]<typename T, int V, bool CL>() {
-    const XCa<T, V, CL> value{orient<CL, T>(x), nullptr, dims<CL>(s)};
+  dispatch(dt, vec_bytes(dt, cl, s, {x}, {}), cl, [&]<typename T, int V, int L>() {
+    const XCa<T, V, L> value{orient<L, T>(x), nullptr, dims<L>(s)};
     const Sink sink{p.sum, p.max, p.arg, s.N, s.C, 1.f / float(s.HW)};
     if (p.max != nullptr)
-      reduce<true, true, V, CL>(value, sink, stream);
+      reduce<true, true, V, L>(value, sink, stream);
     else
-      reduce<false, true, V, CL>(value, sink, stream);
+      reduce<false, true, V, L>(value, sink, stream);
   });
 }
 
 void channel_pool(DType dt, Shape s, In x, const Small& f, Partials p, cudaStream_t stream) {
   if (empty(s)) return;
   const bool cl = channels_inner(x);
-  dispatch(dt, vec_bytes(dt, cl, s, {x}, {f.ca}), cl, [&]<typename T, int V, bool CL>() {
-    const XCa<T, V, CL> value{orient<CL, T>(x), f.ca, dims<CL>(s)};
+  dispatch(dt, vec_bytes(dt, cl, s, {x}, {f.ca}), cl, [&]<typename T, int V, int L>() {
+    const XCa<T, V, L> value{orient<L, T>(x), f.ca, dims<L>(s)};
     const Sink sink{p.sum, p.max, p.arg, s.N, s.HW, 1.f / float(s.C)};
-    reduce<true, false, V, CL>(value, sink, stream);
+    reduce<true, false, V, L>(value, sink, stream);
   });
 }
 
 void apply_gates(DType dt, Shape s, In x, const Small& f, In residual, Out y,
                  cudaStream_t stream) {
   if (empty(s)) return;
-  const bool cl = channels_inner(x);
-  const int bytes = vec_bytes(dt, cl, s, {x, residual, as_in(y)}, {f.ca, f.sa});
-  dispatch(dt, bytes, cl, [&]<typename T, int V, bool CL>() {
-    elementwise<V>(ApplyGates<T, V, CL>{orient<CL, T>(x), orient<CL, T>(residual),
-                                        orient<CL, T>(y), f, dims<CL>(s)},
+  const auto [layout, bytes] =
+      elementwise_layout(dt, channels_inner(x), s, {x, residual, as_in(y)}, {f.ca, f.sa});
+  dispatch<true>(dt, bytes, layout, [&]<typename T, int V, int L>() {
+    elementwise<V>(ApplyGates<T, V, L>{orient<L, T>(x), orient<L, T>(residual),
+                                       orient<L, T>(y), f, dims<L>(s)},
                    stream);
   });
 }
@@ -272,10 +313,9 @@ void grad_spatial(DType dt, Shape s, In gy, In x, const Small& f, EpilogueGrad e
   if (empty(s)) return;
   const bool cl = channels_inner(x);
   const int bytes = vec_bytes(dt, cl, s, {x, gy, e.out, as_in(e.gres)}, {f.ca});
-  dispatch(dt, bytes, cl, [&]<typename T, int V, bool CL>() {
-    const GyXCa<T, V, CL> value{epilogue_gy<CL, T, V>(gy, e), orient<CL, T>(x), f.ca,
-                                dims<CL>(s)};
-    reduce<false, false, V, CL>(value, Sink{sum, nullptr, nullptr, s.N, s.HW, 1.f}, stream);
+  dispatch(dt, bytes, cl, [&]<typename T, int V, int L>() {
+    const GyXCa<T, V, L> value{epilogue_gy<L, T, V>(gy, e), orient<L, T>(x), f.ca, dims<L>(s)};
+    reduce<false, false, V, L>(value, Sink{sum, nullptr, nullptr, s.N, s.HW, 1.f}, stream);
   });
 }
 
@@ -285,30 +325,30 @@ void grad_channel(DType dt, Shape s, In gy, In x, const Small& f, EpilogueGrad e
   const bool cl = channels_inner(x);
   const int bytes =
       vec_bytes(dt, cl, s, {x, gy, e.out, as_in(e.gres)}, {f.sa, f.gp, f.cstar});
-  dispatch(dt, bytes, cl, [&]<typename T, int V, bool CL>() {
-    const Gx1X<T, V, CL> value{epilogue_gy<CL, T, V>(gy, e), orient<CL, T>(x), f, dims<CL>(s)};
-    reduce<false, true, V, CL>(value, Sink{sum, nullptr, nullptr, s.N, s.C, 1.f}, stream);
+  dispatch(dt, bytes, cl, [&]<typename T, int V, int L>() {
+    const Gx1X<T, V, L> value{epilogue_gy<L, T, V>(gy, e), orient<L, T>(x), f, dims<L>(s)};
+    reduce<false, true, V, L>(value, Sink{sum, nullptr, nullptr, s.N, s.C, 1.f}, stream);
   });
 }
 
 void grad_input(DType dt, Shape s, In gy, const Small& f, const ParamTail& tail, Out gx,
                 cudaStream_t stream) {
   if (empty(s)) return;
-  const bool cl = channels_inner(as_in(gx));
-  const int bytes =
-      vec_bytes(dt, cl, s, {gy, as_in(gx)}, {f.ca, f.sa, f.gp, f.cstar, f.ga, f.gm, f.pstar});
+  const auto [layout, bytes] =
+      elementwise_layout(dt, channels_inner(as_in(gx)), s, {gy, as_in(gx)},
+                         {f.ca, f.sa, f.gp, f.cstar, f.ga, f.gm, f.pstar});
   const ParamTasks params = param_tasks(tail);
-  dispatch(dt, bytes, cl, [&]<typename T, int V, bool CL>() {
+  dispatch<true>(dt, bytes, layout, [&]<typename T, int V, int L>() {
     elementwise<V>(
-        GradInput<T, V, CL>{orient<CL, T>(gy), orient<CL, T>(gx), f, dims<CL>(s), params},
-        stream, params.tasks);
+        GradInput<T, V, L>{orient<L, T>(gy), orient<L, T>(gx), f, dims<L>(s), params}, stream,
+        params.tasks);
   });
 }
 
 bool has_kernel_image() {
   cudaFuncAttributes attr;
   const cudaError_t err =
-      cudaFuncGetAttributes(&attr, elementwise_kernel<1, GradInput<float, 1, false>>);
+      cudaFuncGetAttributes(&attr, elementwise_kernel<1, GradInput<float, 1, kNchw>>);
   if (err != cudaSuccess) (void)cudaGetLastError();  // not sticky; clear it
   return err == cudaSuccess;
 }

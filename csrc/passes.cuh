@@ -1,9 +1,11 @@
 // CUDA kernels of the six full-size passes (launched by passes.cu).
 //
-// A full-size tensor is addressed as (N, O, I) with element strides (sN, sO, sI): I, the inner
-// axis, is H*W for NCHW-like layouts (CL = false) and C for channels-last ones (CL = true), so
-// both are native. With VEC > 1 every full-size tensor of a launch has sI = 1 and aligned rows,
-// and each thread moves VEC elements (16 or 8 bytes) per load or store. Arithmetic and
+// A full-size tensor is addressed as (N, O, I) with element strides (sN, sO, sI), in one of three
+// layouts L: kNchw (O = C, I = H*W: NCHW-like), kCl (O = H*W, I = C: channels-last-like), so both
+// are native, and, for the elementwise passes, kFlat (O = 1, I = C*H*W: NCHW tensors whose
+// samples are contiguous, so that vectors need not fit in a row of H*W, as at 7x7 or 14x14).
+// With VEC > 1 every full-size tensor of a launch has sI = 1 and aligned rows, and each thread
+// moves VEC elements (16 or 8 bytes) per load or store. Arithmetic and
 // accumulation are float32. Reductions are split deterministically: each thread sums a fixed
 // set of elements in a fixed order, threads are combined by a fixed tree (warp shuffles or
 // shared memory), and each range of the reduced axis writes its own partial results, which
@@ -112,65 +114,90 @@ struct Dims {
   float inv_c, inv_hw;
 };
 
-// A factor indexed by (n, c), for the VEC elements at (o, i..i+VEC-1); f points at sample n.
-template <int VEC, bool CL, typename U>
-__device__ __forceinline__ void channel_factor(Ptr<const U> f, int64_t o, int64_t i, U (&v)[VEC]) {
-  if constexpr (CL) {
-    load_small<VEC>(f + i, v);
-  } else {
+constexpr int kNchw = 0, kCl = 1, kFlat = 2;  // the layouts L (a bool CL converts: kNchw, kCl)
+
+// The channel (CHANNEL) or the h*w position of each of the VEC elements at (o, i..i+VEC-1).
+template <int VEC, int L, bool CHANNEL>
+__device__ __forceinline__ void positions(int64_t o, int64_t i, const Dims& d, int64_t (&p)[VEC]) {
+  if constexpr (L == kFlat) {  // one division for the vector, then steps across row ends
+    int64_t c = divide(i, d.HW), hw = i - c * d.HW;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] = f[o];
+    for (int j = 0; j < VEC; ++j) {
+      p[j] = CHANNEL ? c : hw;
+      if (++hw == d.HW) {
+        hw = 0;
+        ++c;
+      }
+    }
+  } else {
+    constexpr bool kAlongI = (L == kCl) == CHANNEL;  // the position is the inner index
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) p[j] = kAlongI ? i + j : o;
   }
 }
 
-// A factor indexed by (n, hw), likewise.
-template <int VEC, bool CL, typename U>
-__device__ __forceinline__ void pixel_factor(Ptr<const U> f, int64_t o, int64_t i, U (&v)[VEC]) {
-  if constexpr (CL) {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] = f[o];
-  } else {
+// A factor indexed by (n, c) (CHANNEL) or by (n, hw), for the VEC elements at (o, i..i+VEC-1);
+// f points at sample n. One vector load where the factor runs along I, one element for the
+// whole vector where it is constant along I, else one element per element.
+template <int VEC, int L, bool CHANNEL, typename U>
+__device__ __forceinline__ void factor(Ptr<const U> f, int64_t o, int64_t i, const Dims& d,
+                                       U (&v)[VEC]) {
+  if constexpr (L != kFlat && (L == kCl) == CHANNEL) {
     load_small<VEC>(f + i, v);
+  } else if constexpr (L != kFlat) {
+    const U u = f[o];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = u;
+  } else {
+    int64_t p[VEC];
+    positions<VEC, L, CHANNEL>(o, i, d, p);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = f[p[j]];
   }
 }
 
-template <bool CL>
-__device__ __forceinline__ int64_t channel_of(int64_t o, int64_t i) { return CL ? i : o; }
-template <bool CL>
-__device__ __forceinline__ int64_t pixel_of(int64_t o, int64_t i) { return CL ? o : i; }
+template <int VEC, int L, typename U>
+__device__ __forceinline__ void channel_factor(Ptr<const U> f, int64_t o, int64_t i,
+                                               const Dims& d, U (&v)[VEC]) {
+  factor<VEC, L, true>(f, o, i, d, v);
+}
+
+template <int VEC, int L, typename U>
+__device__ __forceinline__ void pixel_factor(Ptr<const U> f, int64_t o, int64_t i, const Dims& d,
+                                             U (&v)[VEC]) {
+  factor<VEC, L, false>(f, o, i, d, v);
+}
 
 // v *= f[c] (PER_CHANNEL, f a per-(n, c) row) or v *= f[hw] (f a per-(n, h*w) row); nothing
 // when f is null.
-template <int VEC, bool CL, bool PER_CHANNEL>
-__device__ __forceinline__ void scale_by(Ptr<const float> f, int64_t o, int64_t i,
+template <int VEC, int L, bool PER_CHANNEL>
+__device__ __forceinline__ void scale_by(Ptr<const float> f, int64_t o, int64_t i, const Dims& d,
                                          float (&v)[VEC]) {
   if (f == nullptr) return;
   float s[VEC];
-  if (PER_CHANNEL) {
-    channel_factor<VEC, CL>(f, o, i, s);
-  } else {
-    pixel_factor<VEC, CL>(f, o, i, s);
-  }
+  factor<VEC, L, PER_CHANNEL>(f, o, i, d, s);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) v[j] *= s[j];
 }
 
 // g <- gx1 = g * sa + gp_mean / C + gp_max * [c == cstar], the gradient reaching x1 = x * ca.
-template <int VEC, bool CL>
+template <int VEC, int L>
 __device__ __forceinline__ void grad_x1(const Small& f, const Dims& d, int64_t n, int64_t o,
                                         int64_t i, float (&g)[VEC]) {
-  scale_by<VEC, CL, false>(f.sa ? f.sa + n * d.HW : nullptr, o, i, g);
+  scale_by<VEC, L, false>(f.sa ? f.sa + n * d.HW : nullptr, o, i, d, g);
   if (f.gp != nullptr) {
     const Ptr<const float> gp = f.gp + 2 * n * d.HW;
     float gmax[VEC], gmean[VEC];
     int32_t cs[VEC];
-    pixel_factor<VEC, CL>(gp + (f.max_first ? 0 : d.HW), o, i, gmax);
-    pixel_factor<VEC, CL>(gp + (f.max_first ? d.HW : 0), o, i, gmean);
-    pixel_factor<VEC, CL>(f.cstar + n * d.HW, o, i, cs);
+    int64_t c[VEC];
+    pixel_factor<VEC, L>(gp + (f.max_first ? 0 : d.HW), o, i, d, gmax);
+    pixel_factor<VEC, L>(gp + (f.max_first ? d.HW : 0), o, i, d, gmean);
+    pixel_factor<VEC, L>(f.cstar + n * d.HW, o, i, d, cs);
+    positions<VEC, L, true>(o, i, d, c);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       g[j] += gmean[j] * d.inv_c;
-      if (channel_of<CL>(o, i + j) == cs[j]) g[j] += gmax[j];
+      if (c[j] == cs[j]) g[j] += gmax[j];
     }
   }
 }
@@ -198,7 +225,7 @@ struct EpilogueGy {
 };
 
 // pool_hw: x;  channel_pool: x * ca.
-template <typename T, int VEC, bool CL>
+template <typename T, int VEC, int L>
 struct XCa {
   View<Ptr<const T>> x;
   Ptr<const float> ca;
@@ -206,12 +233,12 @@ struct XCa {
   __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i,
                                              float (&v)[VEC]) const {
     load<VEC>(x.at(n, o, i), v);
-    scale_by<VEC, CL, true>(ca ? ca + n * d.C : nullptr, o, i, v);
+    scale_by<VEC, L, true>(ca ? ca + n * d.C : nullptr, o, i, d, v);
   }
 };
 
 // grad_spatial: g * x * ca.
-template <typename T, int VEC, bool CL>
+template <typename T, int VEC, int L>
 struct GyXCa {
   EpilogueGy<T, VEC> gy;
   View<Ptr<const T>> x;
@@ -224,12 +251,12 @@ struct GyXCa {
     load<VEC>(x.at(n, o, i), xv);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[j] *= xv[j];
-    scale_by<VEC, CL, true>(ca ? ca + n * d.C : nullptr, o, i, v);
+    scale_by<VEC, L, true>(ca ? ca + n * d.C : nullptr, o, i, d, v);
   }
 };
 
 // grad_channel: gx1(g) * x.
-template <typename T, int VEC, bool CL>
+template <typename T, int VEC, int L>
 struct Gx1X {
   EpilogueGy<T, VEC> gy;
   View<Ptr<const T>> x;
@@ -239,7 +266,7 @@ struct Gx1X {
                                              float (&v)[VEC]) const {
     float xv[VEC];
     gy(n, o, i, v);
-    grad_x1<VEC, CL>(f, d, n, o, i, v);
+    grad_x1<VEC, L>(f, d, n, o, i, v);
     load<VEC>(x.at(n, o, i), xv);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[j] *= xv[j];
@@ -378,7 +405,7 @@ __global__ void __launch_bounds__(kThreads)
 // ----------------------------------------------------------------------------- elementwise
 
 // y = x * ca * sa, or relu(x * ca * sa + residual) (the ResNet block epilogue; NaN stays NaN).
-template <typename T, int VEC, bool CL>
+template <typename T, int VEC, int L>
 struct ApplyGates {
   View<Ptr<const T>> x, residual;  // residual.data == nullptr: absent
   View<Ptr<T>> y;
@@ -389,8 +416,8 @@ struct ApplyGates {
   __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i) const {
     float v[VEC], s[VEC];
     load<VEC>(x.at(n, o, i), v);
-    scale_by<VEC, CL, true>(f.ca ? f.ca + n * d.C : nullptr, o, i, v);
-    scale_by<VEC, CL, false>(f.sa ? f.sa + n * d.HW : nullptr, o, i, v);
+    scale_by<VEC, L, true>(f.ca ? f.ca + n * d.C : nullptr, o, i, d, v);
+    scale_by<VEC, L, false>(f.sa ? f.sa + n * d.HW : nullptr, o, i, d, v);
     if (residual.data != nullptr) {
       load<VEC>(residual.at(n, o, i), s);
 #pragma unroll
@@ -530,7 +557,7 @@ struct ParamTasks {
 
 // gx = gx1 * ca + ga / HW + gm * [hw == pstar]  (x itself is not read); the launch's first
 // blocks run the parameter-gradient tasks.
-template <typename T, int VEC, bool CL>
+template <typename T, int VEC, int L>
 struct GradInput {
   View<Ptr<const T>> gy;
   View<Ptr<T>> gx;
@@ -542,20 +569,22 @@ struct GradInput {
   __device__ __forceinline__ void operator()(int64_t n, int64_t o, int64_t i) const {
     float g[VEC], s[VEC];
     load<VEC>(gy.at(n, o, i), g);
-    grad_x1<VEC, CL>(f, d, n, o, i, g);
-    scale_by<VEC, CL, true>(f.ca ? f.ca + n * d.C : nullptr, o, i, g);
+    grad_x1<VEC, L>(f, d, n, o, i, g);
+    scale_by<VEC, L, true>(f.ca ? f.ca + n * d.C : nullptr, o, i, d, g);
     if (f.ga != nullptr) {
-      channel_factor<VEC, CL>(f.ga + n * d.C, o, i, s);
+      channel_factor<VEC, L>(f.ga + n * d.C, o, i, d, s);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) g[j] += s[j] * d.inv_hw;
     }
     if (f.gm != nullptr) {
       int32_t ps[VEC];
-      channel_factor<VEC, CL>(f.gm + n * d.C, o, i, s);
-      channel_factor<VEC, CL>(f.pstar + n * d.C, o, i, ps);
+      int64_t hw[VEC];
+      channel_factor<VEC, L>(f.gm + n * d.C, o, i, d, s);
+      channel_factor<VEC, L>(f.pstar + n * d.C, o, i, d, ps);
+      positions<VEC, L, false>(o, i, d, hw);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        if (pixel_of<CL>(o, i + j) == ps[j]) g[j] += s[j];
+        if (hw[j] == ps[j]) g[j] += s[j];
       }
     }
     store<VEC>(gx.at(n, o, i), g);

@@ -7,7 +7,8 @@ every kernel access is checked for bounds and alignment, and fresh tensors are f
 bytes, so an output element a kernel does not write reads as NaN. Shapes are small (up to
 tens of thousands of threads a launch) but make the reductions split (S > 1, asserted), leave
 warps partly idle (inner lengths 1, 3, 33), and take the 16-byte, 8-byte and one-element paths
-(asserted from the names of the launched kernels). The self-test kernels show that each kind of
+and the elementwise passes' flat view of NCHW samples (asserted from the names of the launched
+kernels). The self-test kernels show that each kind of
 bug the emulation exists to catch is caught.
 """
 
@@ -29,8 +30,10 @@ import cuda_emulation  # noqa: E402  (after the check: importing it needs nothin
 
 emu = cuda_emulation.passes
 LAYOUT_PAIRS = [("nchw", "nchw"), ("cl", "cl"), ("nchw", "cl"), ("cl", "nchw")]
+# (2, 16, 7, 7) and (3, 4, 2, 1): the elementwise passes' flat view in NCHW, vectors crossing the
+# ends of rows of H*W (once, or several times: H*W below the vector).
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 17, 3, 3), (3, 20, 1, 1), (2, 33, 9, 11),
-          (2, 8, 4, 4), (1, 12, 2, 3), (2, 12, 16, 16)]
+          (2, 8, 4, 4), (1, 12, 2, 3), (2, 12, 16, 16), (2, 16, 7, 7), (3, 4, 2, 1)]
 # Shapes whose reductions split (S > 1), per layout: over H*W ("hw") and/or over C ("c"). In
 # NCHW a reduction over H*W is an inner one and over C an outer one, in channels_last the reverse.
 SPLIT = {(1, 3, 32, 65): {"nchw": "hw", "cl": "hw"}, (2, 8, 64, 64): {"nchw": "hw", "cl": "hw"},
@@ -211,26 +214,43 @@ def vector_bytes(kernels, dtype):
     return {0 if vec == 1 else vec * size for vec in widths}
 
 
-@pytest.mark.parametrize(("shape", "dtype", "layouts", "expected"), [
-    ((2, 8, 4, 4), torch.float32, ("nchw", "nchw"), 16),
-    ((2, 8, 4, 4), torch.float16, ("cl", "cl"), 16),
-    ((2, 8, 4, 4), torch.bfloat16, ("nchw", "nchw"), 16),
-    ((1, 12, 2, 3), torch.float32, ("nchw", "nchw"), 8),
-    ((1, 12, 2, 3), torch.bfloat16, ("cl", "cl"), 8),
-    ((2, 8, 4, 4), torch.float32, ("nchw", "cl"), 0),   # gy and out in the other layout
-    ((2, 3, 5, 7), torch.float16, ("cl", "cl"), 0),     # C = 3: no vector fits
+FLAT = 2  # the layout template argument of an elementwise pass over whole samples (kFlat)
+
+
+def flat(kernels):
+    """Whether each elementwise kernel (apply_gates, grad_input) takes the flat view."""
+    return [int(re.search(r"(?:ApplyGates|GradInput)<[^,]+, \d+, (\d)>", k).group(1)) == FLAT
+            for k in kernels]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "layouts", "reductions", "elementwise"), [
+    ((2, 8, 4, 4), torch.float32, ("nchw", "nchw"), 16, 16),
+    ((2, 8, 4, 4), torch.float16, ("cl", "cl"), 16, 16),
+    ((2, 8, 4, 4), torch.bfloat16, ("nchw", "nchw"), 16, 16),
+    ((1, 12, 2, 3), torch.float32, ("nchw", "nchw"), 8, 16),  # elementwise: the flat view
+    ((1, 12, 2, 3), torch.bfloat16, ("cl", "cl"), 8, 8),
+    ((2, 16, 7, 7), torch.float16, ("nchw", "nchw"), 0, 16),  # 7x7: rows of 98 bytes
+    ((2, 8, 14, 14), torch.bfloat16, ("nchw", "nchw"), 8, 16),
+    ((2, 3, 7, 7), torch.float16, ("nchw", "nchw"), 0, 0),    # C*H*W = 147: no vector fits
+    ((2, 8, 4, 4), torch.float32, ("nchw", "cl"), 0, 0),      # gy and out in the other layout
+    ((2, 3, 5, 7), torch.float16, ("cl", "cl"), 0, 0),        # C = 3: no vector fits
 ])
-def test_vector_paths(shape, dtype, layouts, expected):
-    """Every pass takes the 16-byte, 8-byte or one-element path that the layouts allow."""
+def test_vector_paths(shape, dtype, layouts, reductions, elementwise):
+    """Every pass takes the 16-byte, 8-byte or one-element path that the layouts allow; the
+    elementwise passes over NCHW tensors take the flat view of each sample (C*H*W contiguous)
+    where it allows wider vectors than the rows of H*W do."""
     x, gy = full(shape, dtype, layouts[0]), full(shape, dtype, layouts[1], seed=2)
     cuda_emulation.launched_kernels()
     every_pass(x, gy, small(shape, GATES["cbam"]), epilogue_output(shape, dtype, layouts[1]))
     kernels = cuda_emulation.launched_kernels()
     assert len(kernels) == 6
-    if layouts[0] == layouts[1]:
-        assert vector_bytes(kernels, dtype) == {expected}
-    else:  # pool_hw and channel_pool read x only
-        assert vector_bytes(kernels[2:], dtype) == {expected}
+    elementwise_kernels = [kernels[2], kernels[5]]  # apply_gates, grad_input
+    reduction_kernels = [kernels[i] for i in (0, 1, 3, 4)]
+    if layouts[0] != layouts[1]:  # pool_hw and channel_pool read x only
+        reduction_kernels = reduction_kernels[2:]
+    assert vector_bytes(reduction_kernels, dtype) == {reductions}
+    assert vector_bytes(elementwise_kernels, dtype) == {elementwise}
+    assert flat(elementwise_kernels) == [elementwise > reductions] * 2
 
 
 @pytest.mark.parametrize("name", ["sliced", "sliced_odd_w", "h_is_1", "w_is_1",

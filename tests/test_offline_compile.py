@@ -45,15 +45,15 @@ KNOWN_SPILLS = {
     # Outer reductions (the channels_last pool over H*W, grad_channel in channels_last and
     # grad_spatial in NCHW): 8 B spilled inside the loop at 32-48 registers, sm_80 only (ptxas's
     # choice: with -maxrregcount=64 three of the four do not spill).
-    ("cuda", 80, "reduce_outer_kernel", "<false, 1, XCa<float, 1, true> >"),
-    ("cuda", 80, "reduce_outer_kernel", "<false, 2, Gx1X<float, 2, true> >"),
-    ("cuda", 80, "reduce_outer_kernel", "<false, 4, GyXCa<__half, 4, false> >"),
-    ("cuda", 80, "reduce_outer_kernel", "<false, 4, GyXCa<__nv_bfloat16, 4, false> >"),
+    ("cuda", 80, "reduce_outer_kernel", "<false, 1, XCa<float, 1, 1> >"),
+    ("cuda", 80, "reduce_outer_kernel", "<false, 2, Gx1X<float, 2, 1> >"),
+    ("cuda", 80, "reduce_outer_kernel", "<false, 4, GyXCa<__half, 4, 0> >"),
+    ("cuda", 80, "reduce_outer_kernel", "<false, 4, GyXCa<__nv_bfloat16, 4, 0> >"),
     # grad_input with the parameter-gradient tasks, float32 NCHW, one-element path: 40 B spilled
     # at 48 registers, sm_80 only.
-    ("cuda", 80, "elementwise_kernel", "<1, GradInput<float, 1, false> >"),
+    ("cuda", 80, "elementwise_kernel", "<1, GradInput<float, 1, 0> >"),
     # apply_gates, float16 NCHW, 16-byte path: 8 B spilled at 40 registers, sm_90 only.
-    ("cuda", 90, "elementwise_kernel", "<8, ApplyGates<__half, 8, false> >"),
+    ("cuda", 90, "elementwise_kernel", "<8, ApplyGates<__half, 8, 0> >"),
 }
 
 
