@@ -35,7 +35,7 @@ DEFAULTS = {
                  dtypes="fp16", formats="nchw,nhwc", passes="forward,backward,fwd+bwd",
                  rounds="100", compile_backend="inductor"),
     "cpu": dict(providers="eager,compile,torch,torch+compile", batches="8", shapes="small", dtypes="fp32",
-                formats="nchw,nhwc", passes="forward,backward,fwd+bwd", rounds="10",
+                formats="nchw,nhwc", passes="forward,backward,fwd+bwd", rounds="40",
                 compile_backend="inductor"),
 }
 FULL = dict(batches="32,64,128", shapes="resnet50,vgg16", dtypes="fp32,fp16,bf16")
