@@ -28,14 +28,15 @@ using OptTensor = std::optional<Tensor>;
 // A reduction's partials: sum, max and arg (S, N, K); max and arg absent without a max.
 using PartialsResult = std::tuple<Tensor, OptTensor, OptTensor>;
 
-DType dtype_of(const Tensor& x) {
-  switch (x.scalar_type()) {
+// The kernels' dtype of tensor `t` (x, or a parameter gradient called `name`).
+DType dtype_of(const Tensor& t, const char* name = "x") {
+  switch (t.scalar_type()) {
     case at::kHalf: return DType::kHalf;
     case at::kBFloat16: return DType::kBFloat16;
     case at::kFloat: return DType::kFloat;
     default:
-      TORCH_CHECK(false, "cbam_kernels_cuda: x must be float16, bfloat16 or float32, got ",
-                  x.scalar_type());
+      TORCH_CHECK(false, "cbam_kernels_cuda: ", name, " must be float16, bfloat16 or float32, "
+                  "got ", t.scalar_type());
   }
 }
 
@@ -133,19 +134,8 @@ struct SmallInputs {
   }
 };
 
-DType param_dtype(const Tensor& g, const char* name) {
-  switch (g.scalar_type()) {
-    case at::kHalf: return DType::kHalf;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kFloat: return DType::kFloat;
-    default:
-      TORCH_CHECK(false, "cbam_kernels_cuda: ", name, " must be float16, bfloat16 or float32, got ",
-                  g.scalar_type());
-  }
-}
-
-// A parameter gradient the grad-input launch writes: checked to have `numel` elements in the
-// leading dims of `shape` (trailing 1x1 dims of a conv kernel allowed) on x's device.
+// A parameter gradient the grad-input launch writes, checked to have shape `shape` (a 1x1 conv
+// kernel's (R, C, 1, 1) for an (R, C) matrix) and to be on x's device.
 ParamGrad param_grad(const OptTensor& g, const Tensor& x, std::vector<int64_t> shape,
                      const char* name) {
   if (!g.has_value() || !g->defined()) return {};
@@ -155,7 +145,7 @@ ParamGrad param_grad(const OptTensor& g, const Tensor& x, std::vector<int64_t> s
   if (sizes.size() == 4 && shape.size() == 2 && sizes[2] == 1 && sizes[3] == 1) sizes.resize(2);
   TORCH_CHECK(sizes == shape, "cbam_kernels_cuda: ", name, " must have shape ",
               at::IntArrayRef(shape), ", got ", g->sizes());
-  ParamGrad out{g->data_ptr(), param_dtype(*g, name)};
+  ParamGrad out{g->data_ptr(), dtype_of(*g, name)};
   for (int64_t d = 0; d < std::min<int64_t>(g->dim(), 4); ++d) out.strides[d] = g->stride(d);
   return out;
 }

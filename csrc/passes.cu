@@ -132,6 +132,7 @@ std::pair<int, int> elementwise_layout(DType dt, bool cl, const Shape& s,
   if (cl) return {kCl, rows};
   return rows < 16 && flat_fits(dt, s, full) ? std::pair{kFlat, 16} : std::pair{kNchw, rows};
 }
+
 template <typename T>
 struct Tag {
   using type = T;
