@@ -260,11 +260,14 @@ def spatial_backward(gsa: Tensor, saved: SpatialSaved, conv_w: Tensor, bn_w: Opt
     pad = conv_w.shape[-1] // 2
     w = cast(conv_w, gu.dtype)
     p = saved.p.view(n, 2, height, width)
-    # Both conv gradients as forward convolutions, which are deterministic (cuDNN's backward
-    # kernels may use atomics): gp correlates gu with the flipped kernel; gconv correlates each
-    # channel of p with gu, the batch acting as the summed channel axis.
+    # Neither gradient through a conv backward kernel (cuDNN's may use atomics): gp is the
+    # forward conv of gu with the flipped kernel; gconv[ch, i, j] sums p's (k x k)-patch
+    # entries against gu over the batch and the pixels, one product of the unfolded patches
+    # (N, 2 k k, H W) with gu: plain sums, the same on every device.
     gp = F.conv2d(gu, w.flip(2, 3).transpose(0, 1), padding=pad)
-    gconv = F.conv2d(p.transpose(0, 1), gu.transpose(0, 1), padding=pad).transpose(0, 1)
+    k = conv_w.shape[-1]
+    patches = F.unfold(p, k, padding=pad)
+    gconv = torch.einsum("nkl,nl->k", patches, gu.flatten(1)).view(1, 2, k, k)
     return gp.flatten(2), [_as_param(g, q) for g, q in zip([gconv, gbn_w, gbn_b],
                                                            [conv_w, bn_w, bn_b])]
 

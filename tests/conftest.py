@@ -56,6 +56,15 @@ def device_backend(request, monkeypatch):
     return device
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _float32_without_tf32():
+    """float32 references stay float32 on a GPU: PyTorch lets cuDNN convolutions use TF32 by
+    default, which would put the eager float32 error, and with it every float32 tolerance that
+    follows from it, near 1e-3 instead of near 1e-6."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

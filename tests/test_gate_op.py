@@ -93,10 +93,13 @@ def test_gradcheck_activations(act, gate):
     assert torch.autograd.gradcheck(f, [t["x"]] + [t[k] for k in CHANNEL], fast_mode=True)
 
 
-def test_plain_path_matches_hand_written_backward():
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_plain_path_matches_hand_written_backward(device):
     """The torch backend runs the specification forward under autograd; its gradients equal
-    the hand-written backward that the kernels implement (float64, exact up to rounding)."""
-    t = gate_inputs(2, 7, 5, 3, r=2, k=5)
+    the hand-written backward that the kernels implement (float64, exact up to rounding), on
+    each device: the kernels are checked against this backward on the GPU, so it must not
+    depend on the device's convolution algorithms."""
+    t = gate_inputs(2, 7, 5, 3, r=2, k=5, device=device)
     params = params_of(t, "cbam")
     res = torch.randn_like(t["x"])
     gy = torch.randn_like(t["x"])
