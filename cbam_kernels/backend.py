@@ -12,7 +12,8 @@ The two kernel backends take CUDA tensors of dtype float16, bfloat16 or float32.
 ``CBAM_KERNELS_BACKEND=auto|cuda|triton|torch`` forces one; forcing a kernel backend that is
 unavailable, or for a tensor it cannot take, is an error. ``auto``, the default,
 gives such tensors the first available backend of the device's row in :data:`AUTO_ORDER`
-(fastest measured first), and PyTorch everything else (CPU tensors, float64).
+(fastest measured first; Triton first where nothing was measured), and PyTorch everything
+else (CPU tensors, float64).
 :func:`describe_backends` reports all of this for the machine. The choice for a device and
 dtype is made at its first call, with the variable as it is then, and cached (a dictionary
 lookup per call): after changing the variable at run time, call :func:`forget_choices`.
@@ -39,10 +40,12 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BUILD_INFO = os.path.join(os.path.dirname(__file__), "build_info.json")  # written by setup.py
 
 # Kernel backends by measured speed, fastest first, per compute capability (None: any other
-# GPU). Neither kernel backend has been benchmarked on a GPU yet, so Triton, the default, stays
-# first everywhere. Put "cuda" first in a device's row only once benchmarks/ shows it faster.
+# GPU). sm_90: on an H200 (benchmarks/results/), the CUDA backend took less time than Triton in
+# every CBAM and SE case (ResNet-50 stage shapes, batch 64, float16, NCHW and channels_last,
+# forward and forward+backward). No other GPU has been measured: there Triton, which needs no
+# build, stays first. Put "cuda" first in a device's row only once benchmarks/ shows it faster.
 AUTO_ORDER: Dict[Optional[Tuple[int, int]], Tuple[str, ...]] = {
-    (9, 0): ("triton", "cuda"),
+    (9, 0): ("cuda", "triton"),
     None: ("triton", "cuda"),
 }
 
