@@ -64,7 +64,7 @@ def main(argv=None) -> int:
                               capture_output=True, text=True)
         print(f"\n### {title}\n")
         print(done.stdout if done.returncode == 0 else done.stderr[-2000:])
-    print(f"\nfull report: {report.write_report(json_path, args.out)}")
+    print(f"\nfull report: {report.write_report([json_path], args.out)}")
     if not gpu:
         print("These are CPU numbers of the CPU providers; GPU numbers (Triton, CUDA, "
               "torch.compile on a GPU) need a GPU: run this command on a CUDA machine.")

@@ -174,3 +174,38 @@ def test_byte_counts_follow_the_design():
     assert [traffic.min_passes("cbam", p) for p in ("forward", "backward", "fwd+bwd")] == [4, 6, 10]
     assert [traffic.min_passes("se", p) for p in ("forward", "backward", "fwd+bwd")] == [3, 4, 7]
     assert [traffic.io_floor_passes(p) for p in ("forward", "backward", "fwd+bwd")] == [2, 3, 5]
+
+
+def _op_row(provider, shape, median_ms, floor_ratio, vs_eager, vs_compile, fmt="nhwc"):
+    return dict(op="cbam", provider=provider, pass_name="forward", batch=64, shape=shape,
+                dtype="fp16", format=fmt, median_ms=median_ms, floor_ratio=floor_ratio,
+                speedup_vs_eager=vs_eager, speedup_vs_compile=vs_compile, launches=5)
+
+
+def test_targets_table_counts_the_shapes_that_meet_each_target():
+    """Floor targets hold at most the goal, speedup targets at least; the fastest of ours is
+    taken shape by shape (here cuda at one shape, triton at the other)."""
+    rows = [_op_row("cuda", [256, 56, 56], 0.1, 1.5, 5.0, 2.5),
+            _op_row("triton", [256, 56, 56], 0.2, 3.0, 2.5, 1.2),
+            _op_row("cuda", [2048, 7, 7], 0.4, 9.0, 1.1, 0.9),
+            _op_row("triton", [2048, 7, 7], 0.3, 7.0, 1.4, 1.2)]
+    lines = report.targets_table(rows, fastest_only=True).splitlines()
+    floor = next(ln for ln in lines if "forward ≤ 2× the 2-pass floor" in ln)
+    assert "fastest of ours" in floor and "| 7.00× | 1/2 |" in floor
+    eager = next(ln for ln in lines if "forward ≥ 4× faster than eager" in ln)
+    assert "| 1.40× | 1/2 |" in eager
+    per_provider = report.targets_table(rows)
+    assert "| cuda | nhwc | 9.00× | 1/2 |" in per_provider
+    assert "| triton | nhwc | 7.00× | 0/2 |" in per_provider
+
+
+def test_report_reads_one_run_split_over_files(tmp_path):
+    """The GPU round writes one JSON per op and layout: report.load reads them as one run,
+    with the first file's machine."""
+    for i, fmt in enumerate(("nchw", "nhwc")):
+        data = {"machine_info": {"gpu": f"GPU {i}"}, "datetime": f"day {i}",
+                "benchmarks": [{"extra_info": _op_row("cuda", [64, 8, 8], 0.1, 2, 3, 1, fmt)}]}
+        (tmp_path / f"{fmt}.json").write_text(json.dumps(data))
+    results = report.load(tmp_path / "nchw.json", tmp_path / "nhwc.json")
+    assert [r["format"] for r in results.ops] == ["nchw", "nhwc"]
+    assert results.machine["gpu"] == "GPU 0" and results.datetime == "day 0"
