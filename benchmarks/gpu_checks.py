@@ -1,4 +1,4 @@
-"""GPU checks of the sanitizer round (``benchmarks/gpu_sanitize.sh``), on each kernel backend:
+"""GPU checks of the GPU round (``benchmarks/gpu_round.py``), on each kernel backend:
 
 * ``graph``: a CBAM ResNet-18 built from the reference modules and converted
   (``cbam_kernels.convert``), its training step (forward, backward, BatchNorm statistics)

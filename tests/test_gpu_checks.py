@@ -1,6 +1,6 @@
-"""``benchmarks/gpu_checks.py``, the GPU checks of the sanitizer round, as far as they go without
+"""``benchmarks/gpu_checks.py``, the GPU checks of the GPU round, as far as they go without
 a GPU: the command line, the skip without a GPU, and the determinism check on the CPU (the
-``torch`` backend, a small image). On a GPU, ``benchmarks/gpu_sanitize.sh`` runs them all."""
+``torch`` backend, a small image). On a GPU, ``benchmarks/gpu_round.py`` runs them all."""
 
 import sys
 from pathlib import Path
