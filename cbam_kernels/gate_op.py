@@ -56,6 +56,8 @@ def attention_gate(x: Tensor, residual: Optional[Tensor] = None,
     relu(gated x + residual), computed in the same pass. The result has x's shape, dtype and
     memory format.
     """
+    if residual is not None:
+        check_residual(x, residual)
     if x.numel() == 0:
         return _empty_gate(x, residual, params, bn)
     compiling = torch.compiler.is_compiling()
@@ -78,6 +80,15 @@ def attention_gate(x: Tensor, residual: Optional[Tensor] = None,
     if torch.is_grad_enabled() and _needs_grad(x, residual, params):
         return _FusedGate.apply(x, residual, *params, pipeline, cfg, bn)
     return pipeline.forward(x, residual, params, cfg, bn)[0]
+
+
+def check_residual(x: Tensor, residual: Tensor) -> None:
+    """Raise a clear error for a residual that cannot be added to the gated x (never a
+    broadcast: a (1, C, 1, 1) residual is an error, not a bias)."""
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual must match the input: got {tuple(residual.shape)} "
+                         f"{residual.dtype} on {residual.device} for an input "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
 
 
 def exporting() -> bool:

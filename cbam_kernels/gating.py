@@ -35,21 +35,11 @@ def check_input(x: Tensor, channels: Optional[int], module: object, param: Tenso
                            f"{param.device}; move the module with .to({str(x.device)!r})")
 
 
-def check_residual(x: Tensor, residual: Tensor) -> None:
-    """Raise a clear error for a residual that cannot be added to the gated x."""
-    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-        raise ValueError(f"residual must match the input: got {tuple(residual.shape)} "
-                         f"{residual.dtype} on {residual.device} for an input "
-                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
-
-
 def apply_attention(x: Tensor, residual: Optional[Tensor], params: GateParams,
                     cfg: GateConfig, bn: BatchNormState = BatchNormState()) -> Tensor:
     """y = x * channel_gate(x) * spatial_gate(x * channel_gate(x)), fused (see
     :func:`cbam_kernels.gate_op.attention_gate`); with ``residual`` the ResNet block epilogue
     relu(y + residual) in the same pass."""
-    if residual is not None:
-        check_residual(x, residual)
     return attention_gate(x, residual, params, cfg, bn)
 
 

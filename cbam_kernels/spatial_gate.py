@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from .channel_gate import check_style
 from .gate_math import BatchNormState, GateConfig, GateParams
-from .gating import apply_attention, check_input, check_residual, refuse_scripting
+from .gate_op import check_residual
+from .gating import apply_attention, check_input, refuse_scripting
 
 BN_MOMENTUM = {"official": 0.01, "timm": 0.1}
 

@@ -63,6 +63,18 @@ def test_residual_must_match():
         CBAM(8, 2)(torch.randn(2, 8, 3, 3), residual=torch.randn(2, 8, 3, 4))
 
 
+@pytest.mark.parametrize("x_shape,shape", [((2, 8, 4, 4), (1, 8, 1, 1)),
+                                           ((2, 8, 4, 4), (2, 8, 4, 1)),
+                                           ((0, 8, 4, 4), (1, 8, 1, 1))], ids=str)
+def test_residual_never_broadcasts_through_the_op(x_shape, shape):
+    """The public op checks the residual too: a (1, C, 1, 1) residual must not silently
+    broadcast into a (2, C, 4, 4) result (nor into an empty batch's)."""
+    x = torch.randn(x_shape)
+    se = SE(8, 2)
+    with pytest.raises(ValueError, match="residual must match"):
+        attention_gate(x, torch.randn(shape), se.gate_params(), GateConfig())
+
+
 @pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 8, 0, 0)], ids=str)
 def test_empty_batch(device_backend, module, shape):
     """An empty batch (the tail of a sampler) keeps x's layout (where an empty tensor has one)
