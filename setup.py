@@ -11,8 +11,11 @@ Environment switches, read when this file runs:
 
     CBAM_KERNELS_BUILD_CUDA  auto (default): build _C when torch (with CUDA) and nvcc are found,
                              else install pure Python; 1: build _C or fail; 0: never build it
-    TORCH_CUDA_ARCH_LIST     compute capabilities to build for, default "8.0;8.6;8.9;9.0";
-                             one ("9.0") builds about 4x faster; "+PTX" adds forward-compat PTX
+    TORCH_CUDA_ARCH_LIST     compute capabilities to build for. Unset: those of the visible GPUs
+                             (as torch's extension builder does), or where none is visible (a
+                             wheel, a container, CI) those torch itself was built for (torch
+                             2.11-2.15 cu130: 7.5;8.0;8.6;9.0;10.0;12.0); the newest gets
+                             "+PTX" (forward-compatible PTX). One ("9.0") builds fastest
     DEBUG                    1: -O0 -g -lineinfo (host -O0 -g); default -O3
     MAX_JOBS                 parallel compile jobs (torch's default: one per CPU core)
     CUDA_HOME                the CUDA toolkit; default: CUDA_PATH, then the toolkit of the nvcc
@@ -28,7 +31,6 @@ import sys
 from setuptools import find_packages, setup
 
 BUILD_CUDA = os.environ.get("CBAM_KERNELS_BUILD_CUDA", "auto").strip().lower()
-DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
 DEBUG = os.environ.get("DEBUG", "0") == "1"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,19 +63,37 @@ def cuda_extension():
     if cuda_home is None or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         raise RuntimeError("nvcc not found (set CUDA_HOME)")
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension when imported
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(torch)
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+    # --threads 0: nvcc compiles the architectures of a file in parallel, one per core.
     ext = CUDAExtension(
         name="cbam_kernels._C",
         sources=["csrc/bindings.cpp", "csrc/ops.cpp", "csrc/passes.cu"],
         extra_compile_args={
             "cxx": opt + ["-Wall"],
-            "nvcc": opt + (["-lineinfo"] if DEBUG else []) + ["-Xcompiler=-Wall"],
+            "nvcc": opt + (["-lineinfo"] if DEBUG else []) + ["-Xcompiler=-Wall",
+                                                              "--threads", "0"],
         },
     )
     return [ext], {"build_ext": BuildExtension}
+
+
+def default_arch_list(torch) -> str:
+    """TORCH_CUDA_ARCH_LIST when none is given: the visible GPUs' compute capabilities, else
+    the ones torch was built for; the newest with +PTX, so that later GPUs can JIT it."""
+    visible = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    if visible:
+        archs = sorted(visible)
+    else:  # torch's own kernels: "sm_75 sm_80 ... sm_120"
+        flags = torch._C._cuda_getArchFlags().split()
+        archs = sorted({divmod(int(f[3:].rstrip("af")), 10) for f in flags if f.startswith("sm_")})
+    if not archs:
+        raise RuntimeError("no GPU is visible and torch names no CUDA architecture; set "
+                           "TORCH_CUDA_ARCH_LIST")
+    return ";".join(f"{major}.{minor}" for major, minor in archs) + "+PTX"
 
 
 def record_build(built: bool, why: str) -> None:
@@ -81,7 +101,7 @@ def record_build(built: bool, why: str) -> None:
     or why not: ``describe_backends()`` reports it, since pip hides this script's output), and
     without a build remove a _C left in the source tree by an earlier one."""
     info = {"built": built, "why": why,
-            "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS) if built else None}
+            "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if built else None}
     with open(os.path.join("cbam_kernels", "build_info.json"), "w") as f:
         json.dump(info, f, indent=1)
     if not built:

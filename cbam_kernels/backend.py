@@ -24,6 +24,7 @@ lookup per call): after changing the variable at run time, call :func:`forget_ch
 import contextlib
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -58,12 +59,30 @@ def requested_backend() -> str:
     return name
 
 
-def triton_unavailable_reason() -> str:
-    """Why the Triton backend cannot run here, or '' when it can (does not import triton, so
-    that TRITON_INTERPRET can still be set afterwards)."""
+#: The oldest GPU architecture the Triton kernels compile for: Triton 3.3 dropped Turing
+#: (sm_75) and older.
+TRITON_MIN_CAPABILITY = (8, 0)
+
+
+def _capability(device: Optional[torch.device]) -> Tuple[int, int]:
+    """Compute capability of ``device`` (default: the current GPU)."""
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def triton_unavailable_reason(device: Optional[torch.device] = None) -> str:
+    """Why the Triton backend cannot run here (on ``device``, default: the current GPU), or ''
+    when it can (does not import triton, so that TRITON_INTERPRET can still be set
+    afterwards)."""
     if "triton" not in sys.modules and importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if torch.cuda.is_available() or _interpreted():
+    if _interpreted():
+        return ""
+    if torch.cuda.is_available():
+        major, minor = _capability(device)
+        if (major, minor) < TRITON_MIN_CAPABILITY:
+            return (f"Triton {importlib.metadata.version('triton')} does not compile for "
+                    f"sm_{major}{minor} (Triton 3.3 dropped sm_75 and older)")
         return ""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return ("no CUDA device, and TRITON_INTERPRET=1 was set after triton was imported (the "
@@ -100,7 +119,8 @@ def _has_kernel_image(index: int) -> bool:
 
 
 def cuda_unavailable_reason(device: Optional[torch.device] = None) -> str:
-    """Why the CUDA backend cannot run on ``device`` (default: the current GPU), or ''."""
+    """Why the CUDA backend cannot run on ``device`` (default: the current GPU), or ''. Its
+    full-size passes are ``_C``'s; its small kernels are the Triton ones."""
     err = _extension_error()
     if err:
         return (f"the extension cbam_kernels._C is not built or does not load ({err}); build it "
@@ -112,13 +132,41 @@ def cuda_unavailable_reason(device: Optional[torch.device] = None) -> str:
         major, minor = torch.cuda.get_device_capability(index)
         return (f"cbam_kernels._C has no code for {torch.cuda.get_device_name(index)} "
                 f"(sm_{major}{minor}); rebuild with TORCH_CUDA_ARCH_LIST including {major}.{minor}")
+    triton_reason = triton_unavailable_reason(torch.device("cuda", index))
+    if triton_reason:
+        return f"its small kernels are Triton kernels, and {triton_reason}"
     return ""
+
+
+def extension_code(capability: Tuple[int, int], arch_list: str) -> str:
+    """What ``_C``, built for ``arch_list`` (a TORCH_CUDA_ARCH_LIST), holds for a GPU of
+    ``capability``: a kernel image (machine code of the same major version and no newer
+    minor one runs), PTX that the driver compiles at first use, or nothing."""
+    images, ptx = [], []
+    for entry in arch_list.replace(" ", ";").split(";"):
+        arch = entry.replace("+PTX", "")
+        if not arch:
+            continue
+        exact = arch[-1].isalpha()  # 9.0a: features of that GPU alone
+        major, minor = (int(v) for v in arch.rstrip("abf").split("."))
+        if major == capability[0] and (minor == capability[1] or
+                                       (not exact and minor < capability[1])):
+            images.append((major, minor))
+        if entry.endswith("+PTX") and (major, minor) <= tuple(capability):
+            ptx.append((major, minor))
+    if images:
+        major, minor = max(images)
+        return f"kernel image (sm_{major}{minor})"
+    if ptx:
+        major, minor = max(ptx)
+        return f"PTX of compute_{major}{minor} (compiled by the driver at first use)"
+    return "no code"
 
 
 def _unavailable(name: str, device: torch.device) -> str:
     if name == "cuda":
         return cuda_unavailable_reason(device)
-    return triton_unavailable_reason() if name == "triton" else ""
+    return triton_unavailable_reason(device) if name == "triton" else ""
 
 
 def _choose(name: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, str]:
@@ -226,14 +274,21 @@ def available_backends() -> Dict[str, str]:
             "torch": "available"}
 
 
+def _build_info() -> Optional[dict]:
+    """What setup.py recorded of the last install (``build_info.json``), or None."""
+    try:
+        with open(BUILD_INFO) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def extension_build() -> str:
     """What the last ``pip install`` of this package did about ``cbam_kernels._C``: built (for
     which architectures, with which torch) or not, and why (from ``build_info.json``, which
     setup.py writes)."""
-    try:
-        with open(BUILD_INFO) as f:
-            info = json.load(f)
-    except (OSError, ValueError):
+    info = _build_info()
+    if info is None:
         return "no record of an install by setup.py (build_info.json is missing)"
     if info["built"]:
         return f"{info['why']}, for TORCH_CUDA_ARCH_LIST={info['arch_list']}"
@@ -250,9 +305,13 @@ def describe_backends() -> str:
     lines.append(f"Extension: {extension_build()}")
     lines.append("Backend of every pass of every op, by the device and dtype of its input x:")
     devices = [("cpu", torch.device("cpu"))]
+    info = _build_info() or {}
+    arch_list = info.get("arch_list") if info.get("built") else None
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         major, minor = torch.cuda.get_device_capability(i)
         label = f"cuda:{i} ({torch.cuda.get_device_name(i)}, sm_{major}{minor})"
+        if arch_list:
+            lines.append(f"  _C for {label}: {extension_code((major, minor), arch_list)}")
         devices.append((label, torch.device("cuda", i)))
     for label, device in devices:
         for dtype in KERNEL_DTYPES + (torch.float64,):

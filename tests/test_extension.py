@@ -211,7 +211,8 @@ def test_auto_takes_the_first_available_of_the_table(monkeypatch, request):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     state = {"cuda": "", "triton": ""}
     monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda device=None: state["cuda"])
-    monkeypatch.setattr(backend, "triton_unavailable_reason", lambda: state["triton"])
+    monkeypatch.setattr(backend, "triton_unavailable_reason",
+                        lambda device=None: state["triton"])
     gpu = torch.device("cuda", 0)
     assert backend._choose("auto", gpu, torch.float16)[0] == backend.AUTO_ORDER[(9, 0)][0]
     monkeypatch.setitem(backend.AUTO_ORDER, (9, 0), ("cuda", "triton"))
