@@ -40,6 +40,20 @@ def test_device_mismatch(module):
         module(torch.randn(2, 8, 3, 3, device="meta"))
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+def test_meta_tensors_give_meta_results(module, train, memory_format):
+    """Shape propagation, FLOP counters and deferred initialisation run modules on meta
+    tensors: a meta result of x's shape and layout, with and without a residual."""
+    module = module.to("meta").train(train)
+    x = torch.randn(2, 8, 5, 5, device="meta").to(memory_format=memory_format)
+    for residual in (None, torch.randn_like(x)):
+        y = module(x, residual=residual)
+        assert y.is_meta and y.shape == x.shape
+        assert y.is_contiguous(memory_format=memory_format)
+
+
 def test_constructor_errors():
     with pytest.raises(ValueError, match="width 0"):
         CBAM(8, 16)
