@@ -1,6 +1,10 @@
 """DistributedDataParallel over a model with fused CBAM and SE (gloo, two CPU processes): every
 gradient has its parameter's strides, so DDP warns of no stride mismatch and copies nothing,
-and both processes end a step with the same averaged gradients."""
+and both processes end a step with the same averaged gradients.
+
+The processes meet through a file store (no port to race for), every collective gives up after
+COLLECTIVE_SECONDS, and a rank that dies ends the run at once (torch.multiprocessing.spawn
+terminates the other): a broken rank fails the test with both ranks' output, never a hang."""
 
 import subprocess
 import sys
@@ -12,15 +16,16 @@ import torch.distributed as dist
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
+COLLECTIVE_SECONDS = 60
 WORKER = textwrap.dedent("""
-    import os, sys, warnings
+    import datetime, sys, warnings
     import torch, torch.distributed as dist, torch.multiprocessing as mp
     from torch import nn
     from cbam_kernels import CBAM, SE
 
-    def run(rank, port):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=2)
+    def run(rank, store, seconds):
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=seconds))
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), CBAM(16, 4), SE(16, 4),
                               nn.Conv2d(16, 4, 1))
@@ -44,22 +49,22 @@ WORKER = textwrap.dedent("""
         print(f"rank {rank} ok", flush=True)
 
     if __name__ == "__main__":
-        mp.spawn(run, args=(int(sys.argv[1]),), nprocs=2)
+        mp.spawn(run, args=(sys.argv[1], int(sys.argv[2])), nprocs=2)
 """)
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_gradients_have_parameter_strides(tmp_path):
     script = tmp_path / "ddp_worker.py"
     script.write_text(WORKER)
-    out = subprocess.run([sys.executable, str(script), str(_free_port())], capture_output=True,
-                         text=True, timeout=300)
+    command = [sys.executable, str(script), str(tmp_path / "store"), str(COLLECTIVE_SECONDS)]
+    try:  # the collectives' own timeout ends a stuck rank first; this is the last resort
+        out = subprocess.run(command, capture_output=True, text=True,
+                             timeout=3 * COLLECTIVE_SECONDS)
+    except subprocess.TimeoutExpired as err:  # its output is bytes, whatever text= says
+        output = b"".join(o if isinstance(o, bytes) else o.encode() for o in
+                          (err.stdout, err.stderr) if o)
+        pytest.fail(f"the DDP processes did not finish in {err.timeout} s:\n"
+                    f"{output.decode(errors='replace')}")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Grad strides do not match" not in out.stderr
     assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout
