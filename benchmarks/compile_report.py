@@ -1,10 +1,10 @@
-"""The offline compile report: every kernel for sm_80, sm_86, sm_89 and sm_90, as a table.
+"""The offline compile report: every kernel for every target (sm_75 ... sm_120), as a table.
 
     python benchmarks/compile_report.py        # no GPU needed; nvcc and cuobjdump are
 
 One row per kernel specialisation (Triton: as the modules launch it, see ``kernel_specs``;
-CUDA: each instantiation in csrc/passes.cu), with per target (``a/b/c/d`` for sm_80/86/89/90,
-one value when all agree): registers per thread, spilled bytes (stores + loads), stack frame
+CUDA: each instantiation in csrc/passes.cu), with per target (``a/b/...`` in the order of the
+targets the kernel is compiled for, one value when all agree): registers per thread, spilled bytes (stores + loads), stack frame
 and shared memory per block (bytes), resident blocks (programs) per SM, and the global loads
 of the SASS by width in bits x count, inside loops (the hot loops) and elsewhere. Results are
 cached under build/offline_compile/ (``offline_compile``).
@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout, not installed
 
 from benchmarks.kernel_resources import describe_loads  # noqa: E402
-from benchmarks.offline_compile import ARCHS, Compiled, compile_all, missing_tools  # noqa: E402
+from benchmarks.offline_compile import (CSRC_ARCHS, TRITON_ARCHS, Compiled,  # noqa: E402
+                                        compile_all, missing_tools)
 
 COLUMNS = ("backend", "kernel", "specialisation", "launched by", "threads", "registers",
            "spilled B", "stack B", "smem B", "programs/SM", "loads in loops", "other loads")
@@ -49,9 +50,12 @@ def table(compiled: List[Compiled]) -> str:
                  _per_arch([describe_loads(c.loads_in_loops) for c in group]),
                  _per_arch([describe_loads(c.loads_elsewhere) for c in group])]
         lines.append("| " + " | ".join(cells) + " |")
-    targets = ", ".join(f"sm_{a}" for a in ARCHS)
-    return f"Kernels compiled for {targets} (a/b/c/d: per target, in that order):\n\n" + \
-        "\n".join(lines)
+    return (f"Kernels compiled for {_targets(TRITON_ARCHS)} (Triton) and {_targets(CSRC_ARCHS)} "
+            "(csrc); a/b/...: per target, in that order:\n\n" + "\n".join(lines))
+
+
+def _targets(archs) -> str:
+    return ", ".join(f"sm_{a}" for a in archs)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,15 @@ class ArchLimits(NamedTuple):
     shared: int   # shared memory, bytes (the largest carveout)
 
 
-LIMITS = {80: ArchLimits(2048, 32, 164 * 1024), 86: ArchLimits(1536, 16, 100 * 1024),
-          89: ArchLimits(1536, 24, 100 * 1024), 90: ArchLimits(2048, 32, 228 * 1024)}
+LIMITS = {75: ArchLimits(1024, 16, 64 * 1024), 80: ArchLimits(2048, 32, 164 * 1024),
+          86: ArchLimits(1536, 16, 100 * 1024), 89: ArchLimits(1536, 24, 100 * 1024),
+          90: ArchLimits(2048, 32, 228 * 1024), 100: ArchLimits(2048, 32, 228 * 1024),
+          120: ArchLimits(1536, 32, 100 * 1024)}
 REGISTERS_PER_SM = 65536
 REGISTER_UNIT = 256      # registers are allocated per warp, in units of this many
 WARP_GRANULE = 4         # warps are allocated by registers in groups of this many
-RESERVED_SHARED = 1024   # bytes of shared memory the system takes per block (sm_80 and later)
+#: Bytes of shared memory the system takes per block: 1 KB from sm_80 on, none before.
+RESERVED_SHARED = {75: 0}
 
 
 def resident_blocks(arch: int, registers: int, threads: int, shared: int) -> int:
@@ -38,8 +41,9 @@ def resident_blocks(arch: int, registers: int, threads: int, shared: int) -> int
     warps = -(-threads // 32)
     per_warp = -(-max(registers, 1) * 32 // REGISTER_UNIT) * REGISTER_UNIT
     warps_by_registers = REGISTERS_PER_SM // per_warp // WARP_GRANULE * WARP_GRANULE
+    per_block = shared + RESERVED_SHARED.get(arch, 1024)
     return min(limits.blocks, limits.threads // (warps * 32), warps_by_registers // warps,
-               limits.shared // (shared + RESERVED_SHARED))
+               limits.shared // per_block if per_block else limits.blocks)
 
 
 class PtxasEntry(NamedTuple):

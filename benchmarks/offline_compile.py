@@ -1,10 +1,11 @@
 """The kernels compiled for the real targets without a GPU, and what each one uses.
 
 * Triton: every specialisation that ``kernel_specs`` captures, through Triton's own compiler
-  (``triton.compile`` of an ``ASTSource``) for each target of :data:`ARCHS`; registers, stack and
+  (``triton.compile`` of an ``ASTSource``) for each target of :data:`TRITON_ARCHS`; registers, stack and
   spills from the ``ptxas -v`` run that Triton makes itself (TRITON_DUMP_PTXAS_LOG=1), shared
   memory from the kernel's metadata (Triton allocates it at launch).
-* CUDA C++: ``csrc/passes.cu`` with ``nvcc -cubin -Xptxas -v`` per target, with the device flags
+* CUDA C++: ``csrc/passes.cu`` with ``nvcc -cubin -Xptxas -v`` per target of :data:`CSRC_ARCHS`
+  (Turing too: the CUDA backend's passes are the only kernels that could serve it), with the device flags
   of the extension's build (``setup.py``: -O3, torch's CUDAExtension flags, C++20).
 
 The SASS of each (``cuobjdump -sass``) gives the global-load widths and local-memory accesses.
@@ -35,7 +36,12 @@ from benchmarks import kernel_resources, kernel_specs
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc"
 CACHE = REPO / "build" / "offline_compile"
-ARCHS = (80, 86, 89, 90)
+#: The targets of our users' GPUs: Ampere (A100; RTX 30xx, A-series), Ada (RTX 40xx, L4, L40),
+#: Hopper (H100, H200), Blackwell (B200; RTX 50xx, RTX PRO), and for csrc Turing (RTX 20xx, T4),
+#: for which Triton (3.3 and later) no longer compiles.
+TRITON_ARCHS = (80, 86, 89, 90, 100, 120)
+CSRC_ARCHS = (75,) + TRITON_ARCHS
+ARCHS = CSRC_ARCHS  # every target, in order
 WORKERS = min(8, len(os.sched_getaffinity(0)))  # compile processes: a core each (2 in CI)
 TRITON_SOURCES = ("cbam_kernels/passes_triton.py", "cbam_kernels/gate_math_triton.py")
 TOOL_SOURCES = ("benchmarks/offline_compile.py", "benchmarks/kernel_resources.py")
@@ -225,8 +231,9 @@ def cached_specialisations(versions: List[str]) -> List[dict]:
 
 
 def compile_all(archs=ARCHS) -> List[Compiled]:
-    """Every Triton specialisation and every csrc kernel compiled for each of ``archs``: cached
-    results, the others compiled now on :data:`WORKERS` processes."""
+    """Every Triton specialisation and every csrc kernel compiled for each of ``archs`` that
+    it targets (:data:`TRITON_ARCHS`, :data:`CSRC_ARCHS`): cached results, the others
+    compiled now on :data:`WORKERS` processes."""
     versions = _versions()
     this = _contents(REPO / p for p in TOOL_SOURCES)
     csrc = _contents(p for p in CSRC.iterdir() if p.suffix in (".cu", ".cuh", ".h"))
@@ -236,12 +243,12 @@ def compile_all(archs=ARCHS) -> List[Compiled]:
     with tempfile.TemporaryDirectory() as triton_cache, concurrent.futures.ProcessPoolExecutor(
             WORKERS, context, _worker_environment, (triton_cache,)) as pool:
         futures = {}
-        for arch in archs:  # the longest jobs first
+        for arch in (a for a in archs if a in CSRC_ARCHS):  # the longest jobs first
             paths.append(CACHE / f"csrc-{arch}-{_digest(arch, csrc, versions, this)}.json")
             if not paths[-1].is_file():
                 futures[paths[-1]] = pool.submit(csrc_job, arch)
         for spec in cached_specialisations(versions):  # captured while nvcc runs
-            for arch in archs:
+            for arch in (a for a in archs if a in TRITON_ARCHS):
                 key = _digest(spec, arch, kernels, versions, this)
                 paths.append(CACHE / f"triton-{arch}-{key}.json")
                 if not paths[-1].is_file():
