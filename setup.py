@@ -25,6 +25,7 @@ Environment switches, read when this file runs:
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -35,6 +36,9 @@ DEBUG = os.environ.get("DEBUG", "0") == "1"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 os.chdir(HERE)  # setuptools resolves package and source paths against the working directory
+# The version is written once, in the package (cbam_kernels.__version__).
+VERSION = re.search(r'^__version__ = "([^"]+)"', open(os.path.join("cbam_kernels", "__init__.py"),
+                    encoding="utf-8").read(), re.M).group(1)
 
 
 def find_cuda_home():
@@ -133,7 +137,7 @@ ext_modules, cmdclass = extensions()
 
 setup(
     name="cbam_kernels",
-    version="0.1.0",
+    version=VERSION,
     description="Fused CBAM and Squeeze-and-Excitation attention for CNNs (forward and backward)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

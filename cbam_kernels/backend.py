@@ -34,10 +34,10 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 import torch
 
 from . import pipeline_torch
+from .passes_torch import KERNEL_DTYPES
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "CBAM_KERNELS_BACKEND"
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BUILD_INFO = os.path.join(os.path.dirname(__file__), "build_info.json")  # written by setup.py
 
 # Kernel backends by measured speed, fastest first, per compute capability (None: any other

@@ -47,11 +47,6 @@ PARTIAL_BLOCK = 1024  # partials folded per step of a batch-wide sum
 WARPS = 4
 
 
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n (>= 1)."""
-    return 1 << max(0, n - 1).bit_length()
-
-
 # ----------------------------------------------------------------------------- jit helpers
 
 @triton.jit
@@ -95,7 +90,7 @@ def _activation_grad(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gate(z, GATE: tl.constexpr):
+def _gate_value(z, GATE: tl.constexpr):
     """sigmoid, or hardsigmoid = clamp(z + 3, 0, 6) / 6 (as F.hardsigmoid)."""
     if GATE == 0:
         return tl.sigmoid(z)
@@ -184,12 +179,12 @@ def _channel_mlp_kernel(psum, pmax, parg, S, N, C, R,
             z += tl.sum(w2t * a_avg[None, :], 1) + bias2
         if USE_MAX:
             z += tl.sum(w2t * a_max[None, :], 1) + bias2
-        tl.store(ca_out + n * C + c, _gate(z, GATE), mask=c_ok)
+        tl.store(ca_out + n * C + c, _gate_value(z, GATE), mask=c_ok)
 
 
 def _mlp_blocks(c: int, r: int) -> Tuple[int, int]:
-    block_r = _pow2(r)
-    return min(_pow2(c), max(1, SMALL_TILE // block_r)), block_r
+    block_r = triton.next_power_of_2(r)
+    return min(triton.next_power_of_2(c), max(1, SMALL_TILE // block_r)), block_r
 
 
 def channel_mlp(pool: Partials, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
@@ -391,7 +386,7 @@ def spatial_gate(pool: Partials, conv_w: Tensor, bn_w: Optional[Tensor], bn_b: O
         bn.running_mean, bn.running_var, bn_w, bn_b, bn.eps, MAX_PLANE=0 if max_first else 1,
         KSIZE=conv_w.shape[-1], BATCH_STATS=bn.batch_stats, HAS_W=bn_w is not None,
         HAS_B=bn_b is not None, BLOCK=PIXEL_BLOCK, SUB=PIXEL_SUB,
-        TBLOCK=_pow2(conv_w.shape[-1] ** 2), num_warps=WARPS)
+        TBLOCK=triton.next_power_of_2(conv_w.shape[-1] ** 2), num_warps=WARPS)
     if bn.batch_stats:
         update = bn.num_batches_tracked is not None
         _batch_norm_kernel[(programs,)](
@@ -495,7 +490,7 @@ def spatial_backward(grad: Partials, saved: SpatialSaved, conv_w: Tensor, bn_w: 
         conv_w.stride(1), conv_w.stride(2), conv_w.stride(3), saved.stats, bn_w, gp,
         wpart, BATCH_STATS=bn.batch_stats, HAS_W=bn_w is not None,
         KSIZE=conv_w.shape[-1], BLOCK=PIXEL_BLOCK, SUB=PIXEL_SUB,
-        TBLOCK=_pow2(conv_w.shape[-1] ** 2), PBLOCK=PARTIAL_BLOCK, num_warps=WARPS)
+        TBLOCK=triton.next_power_of_2(conv_w.shape[-1] ** 2), PBLOCK=PARTIAL_BLOCK, num_warps=WARPS)
     return SpatialGrads(gp, wpart, bn_part)
 
 
@@ -663,7 +658,7 @@ TAIL_BLOCK_C = 16    # channels per task
 TAIL_TILE = 2048     # elements of each of a task's two accumulators
 
 
-def _like(t: Optional[Tensor]) -> Optional[Tensor]:
+def _empty_like_or_none(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else torch.empty_like(t)
 
 
@@ -673,8 +668,8 @@ def param_grads_work(params: GateParams, act: str,
     """Allocate the parameter gradients (each like its parameter, strides included) and collect
     what they are computed from: the channel gate's saved tensors and gradients and the spatial
     gate's partials (either may be None: that gate is absent)."""
-    gw1, gb1, gw2, gb2 = (_like(t) if channel is not None else None for t in params[:4])
-    gconv, gbn_w, gbn_b = (_like(t) if spatial is not None else None for t in params[4:])
+    gw1, gb1, gw2, gb2 = (_empty_like_or_none(t) if channel is not None else None for t in params[:4])
+    gconv, gbn_w, gbn_b = (_empty_like_or_none(t) if spatial is not None else None for t in params[4:])
     grads = GateParams(gw1, gb1, gw2, gb2, gconv, gbn_w, gbn_b)
     gz = ghidden = pooled = hidden = wpart = bn_part = None
     if channel is not None:
@@ -696,13 +691,13 @@ def param_grads_launch(work: ParamGrads) -> Tuple[int, tuple, dict]:
     if work.gz is not None:
         k, n, c = work.pooled.shape
         r = work.hidden.shape[2]
-        block_c = min(_pow2(c), TAIL_BLOCK_C)
-        block_r = min(_pow2(r), max(1, TAIL_TILE // block_c))
+        block_c = min(triton.next_power_of_2(c), TAIL_BLOCK_C)
+        block_r = min(triton.next_power_of_2(r), max(1, TAIL_TILE // block_c))
         tasks = -(-c // block_c)
     spatial = work.wpart is not None
     programs = work.wpart.shape[0] if spatial else 0
     ksize = g.conv_w.shape[-1] if spatial else 1
-    tblock = _pow2(2 * ksize ** 2)
+    tblock = triton.next_power_of_2(2 * ksize ** 2)
     args = (n, c, r, work.gz, work.ghidden, work.pooled, work.hidden, g.w1, *_strides(g.w1, 2),
             g.b1, g.w2, *_strides(g.w2, 2), g.b2, programs, work.wpart, work.bn_part,
             g.conv_w, *_strides(g.conv_w, 4)[1:], g.bn_w, g.bn_b)

@@ -33,6 +33,9 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+#: The dtypes of x that the kernel backends take (float64 runs here only).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 class Partials(NamedTuple):
     """A reduction over one axis of x, split into S consecutive ranges of that axis.

@@ -40,9 +40,8 @@ from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
 from .gate_math_triton import ParamGrads, param_grads_launch, param_grads_task
-from .passes_torch import Partials, merged_hw_stride
+from .passes_torch import KERNEL_DTYPES, Partials, merged_hw_stride
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE = 4096             # elements per program tile
 FAST_BLOCK_MAX = 1024   # widest block along the contiguous axis
 MIXED_BLOCK_MAX = 64    # widest block along either axis when tensors disagree on the layout
@@ -288,10 +287,6 @@ def _num_warps(block_c: int, block_hw: int) -> int:
     return max(1, min(8, block_c * block_hw // 512))
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @functools.lru_cache(maxsize=4096)
 def _reduce_plan(n: int, c: int, hw: int, over_c: bool, split: Optional[int],
                  *strides: Tuple[int, int, int]) -> Tuple[int, int, int, int, int]:
@@ -302,13 +297,13 @@ def _reduce_plan(n: int, c: int, hw: int, over_c: bool, split: Optional[int],
     block_c, block_hw = _blocks(c, hw, *strides)
     length, kept = (c, hw) if over_c else (hw, c)
     step, kept_block = (block_c, block_hw) if over_c else (block_hw, block_c)
-    kept_blocks = _cdiv(kept, kept_block)
+    kept_blocks = triton.cdiv(kept, kept_block)
     if split is None:
-        split = min(_cdiv(TARGET_PROGRAMS, n * kept_blocks), _cdiv(length, step))
+        split = min(triton.cdiv(TARGET_PROGRAMS, n * kept_blocks), triton.cdiv(length, step))
     split = max(1, min(split, length))
-    step = min(step, triton.next_power_of_2(_cdiv(length, split)))
-    chunk = _cdiv(_cdiv(length, split), step) * step
-    splits = _cdiv(length, chunk)
+    step = min(step, triton.next_power_of_2(triton.cdiv(length, split)))
+    chunk = triton.cdiv(triton.cdiv(length, split), step) * step
+    splits = triton.cdiv(length, chunk)
     block_c, block_hw = (step, kept_block) if over_c else (kept_block, step)
     return block_c, block_hw, kept_blocks, splits, chunk
 
@@ -375,7 +370,7 @@ def apply_gates(x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
                 residual: Optional[Tensor] = None) -> Tensor:
     """y = x * ca[n, c] * sa[n, h, w] in x's dtype, laid out like ``torch.empty_like(x)``;
     with ``residual`` (any layout) the block epilogue relu(x * ca * sa + residual)."""
-    return _gate(x, x, ca, sa, None, None, True, None, None, None, residual)
+    return _launch_gate(x, x, ca, sa, None, None, True, None, None, None, residual)
 
 
 def grad_spatial(gy: Tensor, x: Tensor, ca: Optional[Tensor], out: Optional[Tensor] = None, *,
@@ -406,7 +401,7 @@ def grad_input(gy: Tensor, x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor]
     fills the parameter gradients ``tail.grads``."""
     assert gp is None or cstar is not None, "gp needs cstar"
     assert gm is None or pstar is not None, "gm needs pstar"
-    return _gate(gy, x, ca, sa, gp, cstar, max_first, ga, gm, pstar, tail=tail)
+    return _launch_gate(gy, x, ca, sa, gp, cstar, max_first, ga, gm, pstar, tail=tail)
 
 
 _NO_TAIL = ((0,) * 3 + (None,) * 4 + (None, 0, 0, None, None, 0, 0, None, 0, None, None, None,
@@ -415,7 +410,7 @@ _NO_TAIL = ((0,) * 3 + (None,) * 4 + (None, 0, 0, None, None, 0, 0, None, 0, Non
                  HAS_BN_W=False, HAS_BN_B=False, T_BLOCK_C=1, T_BLOCK_R=1, PBLOCK=1, TBLOCK=1))
 
 
-def _gate(src: Tensor, like: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
+def _launch_gate(src: Tensor, like: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
           gp: Optional[Tensor], cstar: Optional[Tensor], max_first: bool, ga: Optional[Tensor],
           gm: Optional[Tensor], pstar: Optional[Tensor],
           residual: Optional[Tensor] = None, tail: Optional[ParamGrads] = None) -> Tensor:
@@ -434,7 +429,7 @@ def _gate(src: Tensor, like: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
     dst, dst_strides = _as_nc_hw(dst)
     residual, res_strides = _as_nc_hw(residual) if residual is not None else (None, src_strides)
     block_c, block_hw = _blocks(c, h * w, dst_strides, src_strides, res_strides)
-    c_blocks, hw_blocks = _cdiv(c, block_c), _cdiv(h * w, block_hw)
+    c_blocks, hw_blocks = triton.cdiv(c, block_c), triton.cdiv(h * w, block_hw)
     _gate_kernel[(tasks + n * c_blocks * hw_blocks,)](
         src, residual, dst, _small(ca), _small(sa), _small(gp), _small(cstar), _small(ga),
         _small(gm), _small(pstar), c, h * w, c_blocks, hw_blocks, *src_strides, *res_strides,

@@ -33,7 +33,11 @@ def forward(x: Tensor, residual: Optional[Tensor], params: GateParams, cfg: Gate
     # max is an amax, whose gradient inductor fuses into a few loops (a max with indices makes
     # a compiled CPU training step about 1.5x slower): exact ties then share the gradient
     # equally, as with torch.amax and timm's modules.
-    args = keep or (grad and not torch.compiler.is_compiling())
+    # A TorchScript trace takes one form whatever the grad mode (torch.jit.trace checks its
+    # graph by tracing again, and the grad mode may differ): the max without indices and no
+    # in-place multiply.
+    tracing = torch.jit.is_tracing()
+    args = keep or (grad and not torch.compiler.is_compiling() and not tracing)
     x1 = passes_torch.in_acc_dtype(x)
     if params.w1 is not None:
         avg, mx, pstar = passes_torch.pool_hw(x, cfg.use_max, args,
@@ -56,7 +60,7 @@ def forward(x: Tensor, residual: Optional[Tensor], params: GateParams, cfg: Gate
             xhat, stats = gate_math.batch_norm_stats(u, mean, rstd, bn)
             spatial = SpatialSaved(sa, p.flatten(2), _int32(cstar.flatten(1)), xhat, stats)
     # Without autograd, the temporaries x1 (x * ca, or x cast up) and y take the next results.
-    own = not grad and not keep and x1 is not x
+    own = not grad and not keep and x1 is not x and not tracing
     y = passes_torch.scale(x1, None, sa, inplace=own) if sa is not None else x1
     return passes_torch.epilogue(y, residual, x, inplace=own), channel, spatial
 

@@ -121,3 +121,20 @@ def test_kernel_backend_onnx_export(on_kernel_backend, dynamo, tmp_path):
     onnx_export(module, x, path, dynamo)
     check_standard_onnx(path)
     torch.testing.assert_close(onnx_runtime(path, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", ["cbam", "se", "channel", "spatial"])
+def test_jit_trace_passes_its_own_check(name, train):
+    """torch.jit.trace with its default check_trace=True traces twice, the second time in
+    another grad mode: both traces must be one graph, and the trace computes the module."""
+    from cbam_kernels import SE, ChannelGate, SpatialGate
+    module = {"cbam": lambda: CBAM(8, 2), "se": lambda: SE(8, 2),
+              "channel": lambda: ChannelGate(8, 2), "spatial": SpatialGate}[name]().train(train)
+    randomize(module)
+    x = torch.randn(2, 8, 5, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(module, x)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), module(x), rtol=1e-6, atol=1e-6)
