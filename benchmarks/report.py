@@ -13,8 +13,8 @@ are read as one. Charts:
 format) and
 ``bandwidth_<dtype>.png`` (% of the copy bandwidth, a panel per op and pass). With ``--readme``
 the text between ``<!-- results:start -->`` and ``<!-- results:end -->`` in that file becomes
-a brief form of it (header, targets, ResNet-50, one compact table of the ops, a link to
-results.md, the charts), its links relative to the README.
+a brief form of it (header, targets, ResNet-50, a link to results.md for the op tables, the
+charts), its links relative to the README.
 """
 
 import argparse
@@ -263,20 +263,6 @@ def targets_table(rows: List[dict], fastest_only: bool = False) -> str:
                    "shapes meeting it"], body)
 
 
-def brief_op_table(rows: List[dict]) -> str:
-    """One compact table of every op configuration: the medians per provider and, for our
-    fastest provider, times the two-pass floor and the launches per call."""
-    providers = _providers(rows)
-    body = []
-    for config, by_provider in _by_config(rows).items():
-        best = _fastest_fused(by_provider) or {}
-        body.append([config.op, *config.cells[:2], config.cells[2], config.cells[4],
-                     *(_fmt(by_provider.get(p, {}).get("median_ms"), ".3f") for p in providers),
-                     _fmt(best.get("floor_ratio"), "sig", "×"), _launches(by_provider)])
-    return _table(["op", "pass", "dtype", "format", "shape", *(f"{p} ms" for p in providers),
-                   "best × floor", "launches"], body)
-
-
 def model_table(rows: List[dict]) -> str:
     """ResNet-50 variants: times, images/s, peak training memory and overhead over plain."""
     cells: Dict[Tuple[str, str], Dict[str, dict]] = {}
@@ -381,8 +367,8 @@ def _bar_chart(path: Path, title: str, panels: Dict[Tuple[str, str], List[dict]]
 def render(results: Results, charts: List[Path], chart_dir: str, level: int = 1,
            brief: bool = False) -> str:
     """The Markdown report, its title at heading ``level``; charts link to
-    ``chart_dir/<name>``. ``brief``: header, targets, ResNet-50, one compact op table and a
-    link to ``chart_dir/results.md``, the charts (the README's form)."""
+    ``chart_dir/<name>``. ``brief``: header, targets, ResNet-50, a link to ``chart_dir/results.md``
+    for the op tables, the charts (the README's form)."""
     title, section = "#" * level, "#" * (level + 1)
     parts = [f"{title} cbam_kernels benchmark results", header(results)]
     targets = targets_table(results.ops, fastest_only=brief)
@@ -392,9 +378,9 @@ def render(results: Results, charts: List[Path], chart_dir: str, level: int = 1,
         if results.models:
             parts.append(f"{section} ResNet-50\n\n" + model_table(results.models))
         if results.ops:
-            parts.append(f"{section} Ops (batch {TARGET_BATCH})\n\n" + brief_op_table(results.ops)
-                         + f"\n\nEvery column, the host time and the peak memory: "
-                           f"[results.md]({chart_dir}/results.md).")
+            parts.append(f"Every op time (ms per provider, GB/s, % of the copy bandwidth, times "
+                         f"the floor, launches), the host time and the peak memory: "
+                         f"[results.md]({chart_dir}/results.md).")
     if brief:
         return "\n\n".join(parts + _chart_links(charts, chart_dir, section)) + "\n"
     if results.ops:

@@ -4,10 +4,10 @@ Two counts per case (the same for every provider, so GB/s compares providers hon
 
 * the I/O floor: what any implementation must touch. Forward reads x and writes y (2 passes, the
   "two-pass floor"); backward reads gy and x and writes gx (3); forward+backward 5.
-* the op's own minimum (DESIGN.md): without keeping a whole sample on chip, each reduction over a
+* the op's own minimum (docs/design.md, "Floors"): without keeping a whole sample on chip, each reduction over a
   sample needs its own pass. CBAM forward 4 (pool x over H*W, pool x*ca over C, read x + write
   y), backward 6 (gy and x for grad of sa, gy and x for grad of ca, then gy + gx: gx needs no x,
-  one pass fewer than DESIGN.md's 7). SE, and either gate alone, forward 3 (one pool, then read
+  no x needed there). SE, and either gate alone, forward 3 (one pool, then read
   x + write y), backward 4 (gy and x for the pooled gradient, then gy + gx). Forward+backward is
   their sum.
 
@@ -37,5 +37,5 @@ def io_floor_passes(pass_name: str) -> int:
 
 
 def min_passes(op: str, pass_name: str) -> int:
-    """Tensor passes of the op's own minimum (DESIGN.md)."""
+    """Tensor passes of the op's own minimum (docs/design.md)."""
     return _total(MIN_PASSES[op], pass_name)

@@ -1,7 +1,7 @@
 """Pure-PyTorch reference modules: the oracle for the fused kernels and the eager baseline.
 
 Everything here is plain eager PyTorch with no custom ops, written to reproduce the public
-parameterisations of CBAM and Squeeze-and-Excitation (see ``DESIGN.md``, "Parameterisations"):
+parameterisations of CBAM and Squeeze-and-Excitation (see ``docs/design.md``, "Parameterisations"):
 
 * :class:`OfficialCBAM` follows the authors' repository (Jongchan/attention-module,
   ``MODELS/cbam.py``): ``Linear`` MLP with bias, hidden width ``C // r``, spatial map
