@@ -1,7 +1,10 @@
-"""The automatic backend choice on each GPU architecture our users have, with the GPU mocked,
-and what ``_C`` holds for each architecture."""
+"""The choice of backend: ``CBAM_KERNELS_BACKEND`` and its validation, the automatic choice (on
+each GPU architecture our users have, with the GPU mocked), what ``_C`` holds for each
+architecture, and the report of all of it (``describe_backends``, ``python -m cbam_kernels``)."""
 
 import importlib.util
+import os
+import subprocess
 import sys
 
 import pytest
@@ -92,3 +95,120 @@ DEFAULT_BUILD = "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
 ])
 def test_extension_code_per_architecture(arch_list, capability, expected):
     assert backend.extension_code(capability, arch_list).startswith(expected)
+
+
+def test_interpreter_chosen_too_late_is_reported_unavailable():
+    """TRITON_INTERPRET=1 set after triton was imported does not interpret (Triton decides at
+    its first import): the report says so, and forcing Triton is a clear error, not a failure
+    inside the kernels."""
+    if torch.cuda.is_available():
+        pytest.skip("with a CUDA device the Triton backend runs without the interpreter")
+    code = ("import os, torch, triton, cbam_kernels\n"
+            "from cbam_kernels.backend import available_backends\n"
+            "os.environ.pop('TRITON_INTERPRET', None)\n"
+            "assert 'TRITON_INTERPRET is not set' in available_backends()['triton']\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "os.environ['CBAM_KERNELS_BACKEND'] = 'triton'\n"
+            "print(available_backends()['triton'])\n"
+            "try:\n"
+            "    cbam_kernels.CBAM(8, 2)(torch.randn(2, 8, 5, 5))\n"
+            "except RuntimeError as err:\n"
+            "    print('error:', err)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "TRITON_INTERPRET=1 was set after triton was imported" in out.stdout
+    assert "error: CBAM_KERNELS_BACKEND=triton, but the triton kernels need a CUDA tensor" \
+        in out.stdout
+
+
+@pytest.mark.parametrize("value", ["cdua", "gpu", "Triton2"])
+def test_bad_backend_name_is_an_error(monkeypatch, value):
+    monkeypatch.setenv(backend.ENV_VAR, value)
+    with pytest.raises(ValueError, match="CBAM_KERNELS_BACKEND=.* is not one of auto, cuda, "
+                                         "triton, torch"):
+        backend.backend_for(torch.randn(1, 2, 3, 3))
+    with pytest.raises(ValueError):
+        backend.describe_backends()
+
+
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forced_kernel_backend_needs_a_cuda_tensor(monkeypatch, name, dtype):
+    monkeypatch.setenv(backend.ENV_VAR, f" {name.upper()} ")
+    with pytest.raises(RuntimeError, match=f"{name} kernels need a CUDA tensor .* got a cpu"):
+        backend.pipeline_for(torch.randn(1, 2, 3, 3, dtype=dtype))
+
+
+def test_cuda_backend_without_gpu_is_an_error(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    monkeypatch.setattr(backend, "_extension_error", lambda: "")
+    with pytest.raises(RuntimeError, match="cuda backend is unavailable: no CUDA device"):
+        backend._choose("cuda", torch.device("cuda", 0), torch.float32)
+
+
+@pytest.mark.parametrize("requested", ["auto", "torch"])
+def test_cpu_and_float64_take_torch(monkeypatch, requested):
+    monkeypatch.setenv(backend.ENV_VAR, requested)
+    for dtype in backend.KERNEL_DTYPES + (torch.float64,):
+        assert backend.backend_for(torch.randn(1, 2, 3, 3, dtype=dtype)) == "torch"
+    assert backend._choose(requested, torch.device("cuda", 0), torch.float64)[0] == "torch"
+
+
+def test_auto_takes_the_first_available_of_the_table(monkeypatch, request):
+    """auto follows AUTO_ORDER (fastest measured first), skipping unavailable backends. The
+    choices are cached, so the cache is cleared before, at each change of availability and
+    after."""
+    backend.forget_choices()
+    request.addfinalizer(backend.forget_choices)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    state = {"cuda": "", "triton": ""}
+    monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda device=None: state["cuda"])
+    monkeypatch.setattr(backend, "triton_unavailable_reason",
+                        lambda device=None: state["triton"])
+    gpu = torch.device("cuda", 0)
+    assert backend._choose("auto", gpu, torch.float16)[0] == backend.AUTO_ORDER[(9, 0)][0]
+    monkeypatch.setitem(backend.AUTO_ORDER, (9, 0), ("cuda", "triton"))
+    assert backend._choose("auto", gpu, torch.bfloat16)[0] == "cuda"
+    state["cuda"] = "no kernel"
+    backend.forget_choices()
+    name, why = backend._choose("auto", gpu, torch.float32)
+    assert name == "triton" and "cuda unavailable: no kernel" in why
+    state["triton"] = "no triton"
+    backend.forget_choices()
+    assert backend._choose("auto", gpu, torch.float32)[0] == "torch"
+
+
+def test_auto_table_names_known_backends():
+    for row in backend.AUTO_ORDER.values():
+        assert set(row) == {"cuda", "triton"}
+
+
+def test_describe_backends(monkeypatch):
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    text = backend.describe_backends()
+    assert "CBAM_KERNELS_BACKEND=auto" in text
+    for name in ("cuda", "triton", "torch"):
+        assert f"  {name} " in text
+    assert "cpu float16: torch (the kernels take CUDA tensors" in text
+    monkeypatch.setenv(backend.ENV_VAR, "cuda")
+    assert "cpu float32: error: CBAM_KERNELS_BACKEND=cuda, but the cuda kernels need a CUDA" \
+        in backend.describe_backends()
+
+
+def test_report_says_what_the_install_built(monkeypatch, tmp_path):
+    """describe_backends() (and ``python -m cbam_kernels``) says whether setup.py built _C, for
+    which architectures, or why not."""
+    info = tmp_path / "build_info.json"
+    monkeypatch.setattr(backend, "BUILD_INFO", str(info))
+    assert "no record of an install" in backend.describe_backends()
+    info.write_text('{"built": false, "why": "installed without cbam_kernels._C: nvcc not '
+                    'found (set CUDA_HOME)", "arch_list": null}')
+    assert "Extension: installed without cbam_kernels._C: nvcc not found" \
+        in backend.describe_backends()
+    info.write_text('{"built": true, "why": "cbam_kernels._C built with torch 2.14.1", '
+                    '"arch_list": "8.0;9.0"}')
+    assert "for TORCH_CUDA_ARCH_LIST=8.0;9.0" in backend.extension_build()
+    out = subprocess.run([sys.executable, "-m", "cbam_kernels"], capture_output=True, text=True)
+    assert out.returncode == 0 and "Extension: " in out.stdout, out.stderr

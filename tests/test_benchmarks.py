@@ -14,12 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package
-    sys.path.insert(0, str(REPO))
+from benchmarks import report, traffic
+from benchmarks.suite import SettingsError, op_cases, resolve_settings
 
-from benchmarks import report, traffic  # noqa: E402
-from benchmarks.suite import SettingsError, op_cases, resolve_settings  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 TINY = ["--bench-device=cpu", "--bench-shapes=tiny", "--bench-batches=2", "--bench-rounds=1",
         "--bench-compile-backend=aot_eager"]
 PROVIDERS = {"eager", "compile", "torch", "torch+compile"}

@@ -2,14 +2,10 @@
 a GPU: the command line, the skip without a GPU, and the determinism check on the CPU (the
 ``torch`` backend, a small image). On a GPU, ``benchmarks/gpu_round.py`` runs them all."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
-from benchmarks import gpu_checks  # noqa: E402
+from benchmarks import gpu_checks
 
 
 def test_unknown_check_is_an_error():

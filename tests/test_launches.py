@@ -20,18 +20,14 @@ On both backends the parameter gradients ride in the grad-input launch. The ResN
     TRITON_INTERPRET=1 python -m pytest tests/test_launches.py -m triton
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from benchmarks.launches import module_launches
 from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate
 from cbam_kernels.passes_torch import merged_hw_stride
 from pass_testing import DEVICE, odd_layout, to_layout
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
-from benchmarks.launches import module_launches  # noqa: E402
 
 def _reduction(channels):
     """The usual 16, or less for few channels."""

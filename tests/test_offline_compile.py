@@ -15,14 +15,13 @@ Skipped when nvcc or cuobjdump is missing (set CUDA_HOME).
 """
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import compile_report, offline_compile
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # benchmarks/ is not installed
-from benchmarks import compile_report, offline_compile  # noqa: E402
 
 MISSING = offline_compile.missing_tools()
 if MISSING:
