@@ -64,9 +64,10 @@ def attention_gate(x: Tensor, residual: Optional[Tensor] = None,
     name = backend.backend_name(x.device, x.dtype) if compiling else backend.backend_for(x)
     if name == "torch" or exporting():
         device = "cpu" if x.is_cpu else x.device.type
-        # The small math stays in float32 under autocast (which meta tensors, used for shape
-        # propagation and deferred initialisation, do not have).
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        # The small math stays in float32 under autocast, which meta tensors (shape
+        # propagation, deferred initialisation) do not have. (No torch.amp.is_autocast_available:
+        # dynamo cannot trace it in torch 2.11.)
+        if device != "meta" and torch.is_autocast_enabled(device):
             with torch.autocast(device, enabled=False):
                 return pipeline_torch.forward(x, residual, params, cfg, bn, keep=False)[0]
         return pipeline_torch.forward(x, residual, params, cfg, bn, keep=False)[0]
