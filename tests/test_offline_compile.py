@@ -69,6 +69,26 @@ KNOWN_SPILLS = {
                    (8, "__nv_bfloat16"))),
     ("cuda", 120, "elementwise_kernel", "<8, ApplyGates<__half, 8, 1> >"),
 }
+# Spills of other Tritons than CI's (.ci/matrix runs them), by Triton's major.minor version.
+KNOWN_SPILLS_BY_TRITON = {
+    "3.6": {  # torch 2.11, the GPU machine's stack
+        # the spatial gate's conv in training, bf16 NCHW 64x2048x7x7: 12 B at 168 registers
+        ("triton", 80, "_conv_kernel", "fp32 BATCH_STATS HAS_W HAS_B BLOCK=512 TBLOCK=64"),
+        # channel_pool, fp16 channels_last 64x256x56x56: 4 B at 80 registers, on the H100/H200
+        ("triton", 90, "_reduce_kernel", "fp16 OVER_C WITH_MAX HAS_CA BLOCK_C=256 BLOCK_HW=16"),
+        # grad_input with the parameter-gradient tail, fp16 channels_last: 16 B at 40 registers
+        ("triton", 120, "_gate_kernel", "fp16 HAS_CA HAS_SA HAS_GP HAS_GA HAS_GM BLOCK_C=256 "
+         "BLOCK_HW=16 CHANNEL HAS_B1 HAS_B2 SPATIAL HAS_BN_W HAS_BN_B T_BLOCK_C=16 T_BLOCK_R=16 "
+         "PBLOCK=1024 TBLOCK=128"),
+    },
+}
+
+
+def known_spills() -> set:
+    """KNOWN_SPILLS and those of the installed Triton."""
+    import triton
+    version = ".".join(triton.__version__.split(".")[:2])
+    return KNOWN_SPILLS | KNOWN_SPILLS_BY_TRITON.get(version, set())
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +112,10 @@ def test_no_spills_and_no_local_memory(compiled, backend, arch):
                  f"{c.stack} B stack, {c.local_accesses} LDL/STL"
                  for c in compiled if c.backend == backend and c.arch == arch and
                  (c.spill_stores or c.spill_loads or c.stack or c.local_accesses)}
-    unexpected = [text for key, text in offenders.items() if key not in KNOWN_SPILLS]
+    known_here = known_spills()
+    unexpected = [text for key, text in offenders.items() if key not in known_here]
     assert not unexpected, "\n".join(unexpected)
-    known = sorted(key for key in offenders if key in KNOWN_SPILLS)
+    known = sorted(key for key in offenders if key in known_here)
     if known:
         pytest.xfail("known spills: " + "; ".join(offenders[key] for key in known))
 
