@@ -6,7 +6,8 @@ from torch import Tensor, nn
 
 from .channel_gate import POOL_TYPES, ChannelGate, check_style
 from .gate_math import GateParams
-from .gating import apply_attention, check_input, refuse_scripting
+from .gate_op import attention_gate
+from .gating import check_input, refuse_scripting
 from .spatial_gate import SpatialGate
 
 
@@ -66,10 +67,10 @@ class CBAM(nn.Module):
         params = channel.gate_params()
         check_input(x, channel.channels, self, params.w1)
         if spatial is None:
-            return apply_attention(x, residual, params, channel.gate_config())
+            return attention_gate(x, residual, params, channel.gate_config())
         if not spatial.fusable():
-            return spatial(apply_attention(x, None, params, channel.gate_config()), residual)
-        return apply_attention(x, residual, GateParams(*params[:4], *spatial.gate_params()[4:]),
+            return spatial(attention_gate(x, None, params, channel.gate_config()), residual)
+        return attention_gate(x, residual, GateParams(*params[:4], *spatial.gate_params()[4:]),
                                channel.gate_config(spatial.max_first), spatial.bn_state(x))
 
     def extra_repr(self) -> str:

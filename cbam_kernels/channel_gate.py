@@ -5,7 +5,8 @@ from typing import Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from .gate_math import ACTIVATIONS, GATES, GateConfig, GateParams
-from .gating import apply_attention, check_input, refuse_scripting
+from .gate_op import attention_gate
+from .gating import check_input, refuse_scripting
 from .mlp_layers import add_layers, get_layer, layer_paths
 
 STYLES = ("official", "timm")
@@ -132,7 +133,7 @@ class ChannelGate(nn.Module):
         """
         params = self.gate_params()
         check_input(x, self.channels, self, params.w1)
-        return apply_attention(x, residual, params, self.gate_config())
+        return attention_gate(x, residual, params, self.gate_config())
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, hidden_channels={self.hidden_channels}, "

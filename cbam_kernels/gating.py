@@ -1,17 +1,16 @@
-"""Glue shared by every module: input checks and the call of the fused gate.
+"""Glue shared by every module: the input check and the refusal of TorchScript scripting.
 
-The modules (``ChannelGate``, ``SpatialGate``, ``SE``, ``CBAM``) hand over plain tensors and
-tuples -- their :class:`~cbam_kernels.gate_math.GateParams`, :class:`GateConfig` and the
-:class:`BatchNormState` of their own BatchNorm -- so nothing here reaches back into a module.
-Everything per call is cheap checks; nothing walks the module tree.
+The modules (``ChannelGate``, ``SpatialGate``, ``SE``, ``CBAM``) call the fused gate
+(``gate_op.attention_gate``) with plain tensors and tuples -- their
+:class:`~cbam_kernels.gate_math.GateParams`, :class:`GateConfig` and the
+:class:`BatchNormState` of their own BatchNorm; the checks here are cheap and walk no module
+tree.
 """
 
 from typing import Optional
 
 from torch import Tensor
 
-from .gate_math import BatchNormState, GateConfig, GateParams
-from .gate_op import attention_gate
 
 
 def check_input(x: Tensor, channels: Optional[int], module: object, param: Tensor) -> None:
@@ -33,14 +32,6 @@ def check_input(x: Tensor, channels: Optional[int], module: object, param: Tenso
     if param.device != x.device:
         raise RuntimeError(f"{name}: input is on {x.device} but parameters are on "
                            f"{param.device}; move the module with .to({str(x.device)!r})")
-
-
-def apply_attention(x: Tensor, residual: Optional[Tensor], params: GateParams,
-                    cfg: GateConfig, bn: BatchNormState = BatchNormState()) -> Tensor:
-    """y = x * channel_gate(x) * spatial_gate(x * channel_gate(x)), fused (see
-    :func:`cbam_kernels.gate_op.attention_gate`); with ``residual`` the ResNet block epilogue
-    relu(y + residual) in the same pass."""
-    return attention_gate(x, residual, params, cfg, bn)
 
 
 def refuse_scripting(module: object) -> None:

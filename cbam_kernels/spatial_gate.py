@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 from .channel_gate import check_style
 from .gate_math import BatchNormState, GateConfig, GateParams
-from .gate_op import check_residual
-from .gating import apply_attention, check_input, refuse_scripting
+from .gate_op import attention_gate, check_residual
+from .gating import check_input, refuse_scripting
 
 BN_MOMENTUM = {"official": 0.01, "timm": 0.1}
 
@@ -114,7 +114,7 @@ class SpatialGate(nn.Module):
                 check_residual(x, residual)
             y = self.forward_eager(x)
             return y if residual is None else torch.relu(y + residual)
-        return apply_attention(x, residual, self.gate_params(),
+        return attention_gate(x, residual, self.gate_params(),
                                GateConfig(max_first=self.max_first), self.bn_state(x))
 
     def extra_repr(self) -> str:
