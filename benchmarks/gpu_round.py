@@ -133,7 +133,7 @@ class Round:
     def record(self, step: Step, verdict: str, rc: int) -> int:
         text = step.log.read_text(errors="replace") if step.log.exists() else ""
         summary = [ln for ln in text.splitlines() if re.search(r"(passed|failed|error).* in [0-9.]+s", ln)]
-        errors = re.findall(r"ERROR SUMMARY: \d+ errors?", text)
+        errors = re.findall(r"(?:ERROR SUMMARY: \d+ errors?|RACECHECK SUMMARY: \d+ hazards)", text)
         line = (f"{step.name:22s} {verdict:18s} {time.monotonic() - step.start:5.0f}s  "
                 f"{summary[-1].strip('= ') if summary else ''}  {errors[-1] if errors else ''}")
         print(line.rstrip(), flush=True)
