@@ -47,6 +47,17 @@ PARTIAL_BLOCK = 1024  # partials folded per step of a batch-wide sum
 WARPS = 4
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (>= 1), on the host. (triton.next_power_of_2 and
+    triton.cdiv are jit functions: about 5 µs per call from host code, on every launch.)"""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for non-negative ints, on the host."""
+    return -(-a // b)
+
+
 # ----------------------------------------------------------------------------- jit helpers
 
 @triton.jit
@@ -183,8 +194,8 @@ def _channel_mlp_kernel(psum, pmax, parg, S, N, C, R,
 
 
 def _mlp_blocks(c: int, r: int) -> Tuple[int, int]:
-    block_r = triton.next_power_of_2(r)
-    return min(triton.next_power_of_2(c), max(1, SMALL_TILE // block_r)), block_r
+    block_r = next_pow2(r)
+    return min(next_pow2(c), max(1, SMALL_TILE // block_r)), block_r
 
 
 def channel_mlp(pool: Partials, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
@@ -386,7 +397,7 @@ def spatial_gate(pool: Partials, conv_w: Tensor, bn_w: Optional[Tensor], bn_b: O
         bn.running_mean, bn.running_var, bn_w, bn_b, bn.eps, MAX_PLANE=0 if max_first else 1,
         KSIZE=conv_w.shape[-1], BATCH_STATS=bn.batch_stats, HAS_W=bn_w is not None,
         HAS_B=bn_b is not None, BLOCK=PIXEL_BLOCK, SUB=PIXEL_SUB,
-        TBLOCK=triton.next_power_of_2(conv_w.shape[-1] ** 2), num_warps=WARPS)
+        TBLOCK=next_pow2(conv_w.shape[-1] ** 2), num_warps=WARPS)
     if bn.batch_stats:
         update = bn.num_batches_tracked is not None
         _batch_norm_kernel[(programs,)](
@@ -490,7 +501,7 @@ def spatial_backward(grad: Partials, saved: SpatialSaved, conv_w: Tensor, bn_w: 
         conv_w.stride(1), conv_w.stride(2), conv_w.stride(3), saved.stats, bn_w, gp,
         wpart, BATCH_STATS=bn.batch_stats, HAS_W=bn_w is not None,
         KSIZE=conv_w.shape[-1], BLOCK=PIXEL_BLOCK, SUB=PIXEL_SUB,
-        TBLOCK=triton.next_power_of_2(conv_w.shape[-1] ** 2), PBLOCK=PARTIAL_BLOCK, num_warps=WARPS)
+        TBLOCK=next_pow2(conv_w.shape[-1] ** 2), PBLOCK=PARTIAL_BLOCK, num_warps=WARPS)
     return SpatialGrads(gp, wpart, bn_part)
 
 
@@ -691,13 +702,13 @@ def param_grads_launch(work: ParamGrads) -> Tuple[int, tuple, dict]:
     if work.gz is not None:
         k, n, c = work.pooled.shape
         r = work.hidden.shape[2]
-        block_c = min(triton.next_power_of_2(c), TAIL_BLOCK_C)
-        block_r = min(triton.next_power_of_2(r), max(1, TAIL_TILE // block_c))
+        block_c = min(next_pow2(c), TAIL_BLOCK_C)
+        block_r = min(next_pow2(r), max(1, TAIL_TILE // block_c))
         tasks = -(-c // block_c)
     spatial = work.wpart is not None
     programs = work.wpart.shape[0] if spatial else 0
     ksize = g.conv_w.shape[-1] if spatial else 1
-    tblock = triton.next_power_of_2(2 * ksize ** 2)
+    tblock = next_pow2(2 * ksize ** 2)
     args = (n, c, r, work.gz, work.ghidden, work.pooled, work.hidden, g.w1, *_strides(g.w1, 2),
             g.b1, g.w2, *_strides(g.w2, 2), g.b2, programs, work.wpart, work.bn_part,
             g.conv_w, *_strides(g.conv_w, 4)[1:], g.bn_w, g.bn_b)

@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from .gate_math_triton import ParamGrads, param_grads_launch, param_grads_task
+from .gate_math_triton import ParamGrads, cdiv, param_grads_launch, param_grads_task
 from .passes_torch import KERNEL_DTYPES, Partials, merged_hw_stride
 
 TILE = 4096             # elements per program tile
@@ -297,13 +297,13 @@ def _reduce_plan(n: int, c: int, hw: int, over_c: bool, split: Optional[int],
     block_c, block_hw = _blocks(c, hw, *strides)
     length, kept = (c, hw) if over_c else (hw, c)
     step, kept_block = (block_c, block_hw) if over_c else (block_hw, block_c)
-    kept_blocks = triton.cdiv(kept, kept_block)
+    kept_blocks = cdiv(kept, kept_block)
     if split is None:
-        split = min(triton.cdiv(TARGET_PROGRAMS, n * kept_blocks), triton.cdiv(length, step))
+        split = min(cdiv(TARGET_PROGRAMS, n * kept_blocks), cdiv(length, step))
     split = max(1, min(split, length))
-    step = min(step, triton.next_power_of_2(triton.cdiv(length, split)))
-    chunk = triton.cdiv(triton.cdiv(length, split), step) * step
-    splits = triton.cdiv(length, chunk)
+    step = min(step, triton.next_power_of_2(cdiv(length, split)))
+    chunk = cdiv(cdiv(length, split), step) * step
+    splits = cdiv(length, chunk)
     block_c, block_hw = (step, kept_block) if over_c else (kept_block, step)
     return block_c, block_hw, kept_blocks, splits, chunk
 
@@ -429,7 +429,7 @@ def _launch_gate(src: Tensor, like: Tensor, ca: Optional[Tensor], sa: Optional[T
     dst, dst_strides = _as_nc_hw(dst)
     residual, res_strides = _as_nc_hw(residual) if residual is not None else (None, src_strides)
     block_c, block_hw = _blocks(c, h * w, dst_strides, src_strides, res_strides)
-    c_blocks, hw_blocks = triton.cdiv(c, block_c), triton.cdiv(h * w, block_hw)
+    c_blocks, hw_blocks = cdiv(c, block_c), cdiv(h * w, block_hw)
     _gate_kernel[(tasks + n * c_blocks * hw_blocks,)](
         src, residual, dst, _small(ca), _small(sa), _small(gp), _small(cstar), _small(ga),
         _small(gm), _small(pstar), c, h * w, c_blocks, hw_blocks, *src_strides, *res_strides,
