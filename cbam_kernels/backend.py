@@ -64,10 +64,14 @@ def requested_backend() -> str:
 TRITON_MIN_CAPABILITY = (8, 0)
 
 
+def _gpu_index(device: Optional[torch.device]) -> int:
+    """The index of ``device`` (default, or no index given: the current GPU)."""
+    return torch.cuda.current_device() if device is None or device.index is None else device.index
+
+
 def _capability(device: Optional[torch.device]) -> Tuple[int, int]:
     """Compute capability of ``device`` (default: the current GPU)."""
-    index = torch.cuda.current_device() if device is None or device.index is None else device.index
-    return tuple(torch.cuda.get_device_capability(index))
+    return tuple(torch.cuda.get_device_capability(_gpu_index(device)))
 
 
 def triton_unavailable_reason(device: Optional[torch.device] = None) -> str:
@@ -127,7 +131,7 @@ def cuda_unavailable_reason(device: Optional[torch.device] = None) -> str:
                 "with nvcc present: pip install --no-build-isolation -e .")
     if not torch.cuda.is_available():
         return "no CUDA device"
-    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    index = _gpu_index(device)
     if not _has_kernel_image(index):
         major, minor = torch.cuda.get_device_capability(index)
         return (f"cbam_kernels._C has no code for {torch.cuda.get_device_name(index)} "
