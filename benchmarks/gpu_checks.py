@@ -29,8 +29,9 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout, not installed
 
-from cbam_kernels import backend, convert, models  # noqa: E402
-from cbam_kernels.passes_torch import combine_partials  # noqa: E402
+from cbam_kernels import convert, models
+from cbam_kernels.ops import backend  # noqa: E402
+from cbam_kernels.ops.torch.passes import combine_partials  # noqa: E402
 
 IMAGE = (8, 3, 128, 128)    # ResNet-18 input (its stages split the reductions over C)
 BIG = (3, 768, 1024, 1024)  # 2.4e9 elements, 8.1e8 per sample

@@ -4,15 +4,15 @@ A specialisation is what Triton compiles once: the kernel, its argument types (p
 i32/i64), which integer arguments are 1 (folded into the code) or multiples of 16 and which
 pointers are 16-byte aligned (facts the vectoriser uses), the constexprs (flags, block sizes)
 and num_warps / num_stages. It follows from the shapes, strides and dtypes of a call through
-the launch plans that pick tiles, splits and warps at run time (``passes_triton._blocks``,
-``_reduce_plan``, ``_num_warps``, the block rules of ``gate_math_triton``).
+the launch plans that pick tiles, splits and warps at run time (``ops/triton/passes.py``:
+``_blocks``, ``_reduce_plan``, ``_num_warps``; the block rules of the small kernels).
 
 :func:`capture` runs each of :data:`WORKLOADS` through a fused module (eval forward, training
 forward and backward) on CPU tensors, with the Triton backend in Triton's interpreter mode, but
 runs no kernel: the launcher is replaced by one that binds the arguments with Triton's own
 binder for an NVIDIA target (the code a GPU launch runs to choose the compiled kernel) and
 records the result. The host path never reads a kernel's output, so full-size tensors are never
-touched and real shapes cost nothing. The interpreter mode is fixed when ``passes_triton`` is
+touched and real shapes cost nothing. The interpreter mode is fixed when ``ops/triton/passes.py`` is
 first imported, so :func:`specialisations` runs the capture in a process of its own::
 
     TRITON_INTERPRET=1 python -m benchmarks.kernel_specs     # prints the specialisations (JSON)
@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_MODULES = ("cbam_kernels.passes_triton", "cbam_kernels.gate_math_triton")
+KERNEL_MODULES = tuple(f"cbam_kernels.ops.triton.{name}"
+                       for name in ("passes", "channel_mlp", "spatial", "param_grads"))
 
 
 class Workload(NamedTuple):
@@ -148,8 +149,8 @@ def capture(workloads=WORKLOADS) -> List[dict]:
     kernel (``module:name``), variant (see :func:`_variant`), caller, signature, constexprs and
     attrs (as ``[path, value]`` pairs, the form ``triton.compiler.ASTSource`` takes), num_warps,
     num_stages, and workload (the label of the first that launched it). Needs TRITON_INTERPRET=1
-    before ``passes_triton`` is imported."""
-    from cbam_kernels import passes_triton
+    before ``ops/triton/passes.py`` is imported."""
+    from cbam_kernels.ops.triton import passes as passes_triton
     assert passes_triton.INTERPRETED, "run with TRITON_INTERPRET=1 (see specialisations())"
     os.environ["CBAM_KERNELS_BACKEND"] = "triton"
     unique: Dict[str, dict] = {}

@@ -22,7 +22,8 @@ if not torch.cuda.is_available():  # before the Triton kernels are first importe
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout, not installed
 
-from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate, backend, reference  # noqa: E402
+from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate, reference  # noqa: E402
+from cbam_kernels.ops import backend  # noqa: E402
 
 from benchmarks.launches import module_launches  # noqa: E402
 

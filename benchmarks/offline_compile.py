@@ -43,7 +43,8 @@ TRITON_ARCHS = (80, 86, 89, 90, 100, 120)
 CSRC_ARCHS = (75,) + TRITON_ARCHS
 ARCHS = CSRC_ARCHS  # every target, in order
 WORKERS = min(8, len(os.sched_getaffinity(0)))  # compile processes: a core each (2 in CI)
-TRITON_SOURCES = ("cbam_kernels/passes_triton.py", "cbam_kernels/gate_math_triton.py")
+TRITON_SOURCES = tuple(sorted(str(p.relative_to(REPO))
+                              for p in (REPO / "cbam_kernels" / "ops" / "triton").glob("*.py")))
 TOOL_SOURCES = ("benchmarks/offline_compile.py", "benchmarks/kernel_resources.py")
 
 
@@ -221,7 +222,7 @@ def _store(path: Path, data) -> None:
 
 def cached_specialisations(versions: List[str]) -> List[dict]:
     """``kernel_specs.specialisations()``, cached by the package's sources and ``versions``."""
-    sources = [*(REPO / "cbam_kernels").glob("*.py"), REPO / "benchmarks" / "kernel_specs.py"]
+    sources = [*sorted((REPO / "cbam_kernels").rglob("*.py")), REPO / "benchmarks" / "kernel_specs.py"]
     path = CACHE / f"specs-{_digest(_contents(sources), versions)}.json"
     specs = _cached(path)
     if specs is None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate, reference
-from cbam_kernels.backend import forced
+from cbam_kernels.ops.backend import forced
 
 from .suite import BASELINES, OpCase, backend_of
 from .timing import Workload

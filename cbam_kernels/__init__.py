@@ -12,17 +12,17 @@ draws them.
 
 from . import finetune, models
 from .attention_maps import AttentionMaps, capture_attention
-from .backend import available_backends, backend_for, describe_backends
-from .cbam import CBAM
-from .channel_gate import ChannelGate
-from .convert import ConversionSummary, convert
+from .ops.backend import available_backends, backend_for, describe_backends
+from .modules.cbam import CBAM
+from .modules.channel_gate import ChannelGate
+from .conversion.convert import ConversionSummary, convert
 from .finetune import param_groups, unfreeze
-from .gate_op import attention_gate
+from .ops.gate import attention_gate
 from .models import add_attention
 from .plotting import plot_spatial_maps
-from .revert import revert
-from .se import SE
-from .spatial_gate import SpatialGate
+from .conversion.revert import revert
+from .modules.se import SE
+from .modules.spatial_gate import SpatialGate
 
 __all__ = ["CBAM", "ChannelGate", "SpatialGate", "SE", "attention_gate", "convert",
            "ConversionSummary", "revert", "add_attention", "models", "finetune", "param_groups",

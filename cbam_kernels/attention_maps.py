@@ -9,7 +9,7 @@ block: outside it a model runs exactly as before (nothing is checked per call).
 Modules captured:
 
 * this package's ``CBAM``, ``ChannelGate``, ``SE`` and ``SpatialGate``: the maps are computed once
-  more from the module's input by the specification (``pipeline_torch.forward``, the math every
+  more from the module's input by the specification (``ops.torch.pipeline.forward``, the math every
   backend implements; BatchNorm running statistics are read, never updated);
 * by structure, without importing their libraries, the eager originals:
   ``cbam_kernels.reference``'s modules, the official CBAM repository's ``CBAM`` /
@@ -30,12 +30,12 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from . import pipeline_torch
-from .cbam import CBAM
-from .channel_gate import ChannelGate
-from .gate_math import BatchNormState, GateConfig, GateParams
+from .ops.torch import pipeline as pipeline_torch
+from .modules.cbam import CBAM
+from .modules.channel_gate import ChannelGate
+from .ops.types import BatchNormState, GateConfig, GateParams
 from .reference import OfficialChannelGate
-from .spatial_gate import SpatialGate
+from .modules.spatial_gate import SpatialGate
 
 
 class AttentionMaps(NamedTuple):

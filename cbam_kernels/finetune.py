@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Union
 from torch import nn
 
 from .models.vgg import AttendThenPool
-from .recognise import is_attention
+from .conversion.recognise import is_attention
 
 PARTS = ("backbone", "attention", "head")
 STAGES = ("head", "attention", "all")

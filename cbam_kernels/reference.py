@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mlp_layers import add_layers, get_layer, layer_paths
+from .modules.mlp_layers import add_layers, get_layer, layer_paths
 
 __all__ = [
     "Flatten",

@@ -1,6 +1,6 @@
 // The torch ops of the six passes: they check their arguments, allocate the results and call the
 // launchers of passes.cu on the current stream of x's device. The math and conventions are those
-// of cbam_kernels/passes_torch.py; the Python side is cbam_kernels/passes_cuda.py. The ops check
+// of cbam_kernels/ops/torch/passes.py; the Python side is cbam_kernels/ops/cuda/passes.py. The ops check
 // that all their tensors are on x's device; the library they are registered in picks which
 // device that is (see ops.h).
 #include "ops.h"

@@ -451,7 +451,7 @@ constexpr int kSubR = 1, kSubC = 2;  // a thread's tile of the weights: kSubR un
 constexpr int kTileThreads = kTaskChannels / kSubC;  // threads across a task's channels
 
 // The parameter gradients, sums over the batch in a fixed order, as `tasks` tasks of a block
-// each (the math of param_grads_task in cbam_kernels/gate_math_triton.py): task t takes
+// each (the math of param_grads_task in cbam_kernels/ops/triton/param_grads.py): task t takes
 // channels [16 t, 16 t + 16) of gW1 = sum_kn ghidden (x) pooled, gW2 = sum_kn gz (x) act(hidden)
 // and gb2 = K sum_n gz, each thread a 1 x 2 tile of hidden units and channels at a time (few
 // registers: they count for the whole kernel); task 0 also gb1 = sum_kn ghidden and the spatial

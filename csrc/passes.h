@@ -1,13 +1,13 @@
 // Host API of the six full-size passes of CBAM and SE (launchers in passes.cu).
 //
 // Plain C++: raw pointers, sizes and strides, no torch types, so that ops.cpp stays a thin
-// layer of argument checks. The math of each pass is cbam_kernels/passes_torch.py, argument for
+// layer of argument checks. The math of each pass is cbam_kernels/ops/torch/passes.py, argument for
 // argument. Full-size tensors are float16, bfloat16 or float32 (4-D tensors seen as (N, C, H*W));
 // small ones are float32 or int32, contiguous, 16-byte aligned; nullptr means "absent".
 //
 // The reductions return partials: the reduced axis is cut into S consecutive ranges (splits()),
 // and each range writes its own results, (S, N, K) float32/int32 arrays that the consumer
-// combines in range order (cbam_kernels/passes_torch.py, Partials and combine_partials).
+// combines in range order (cbam_kernels/ops/torch/passes.py, Partials and combine_partials).
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -20,8 +20,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from cbam_kernels import backend
-from cbam_kernels.backend import ENV_VAR, available_backends
+from cbam_kernels.ops import backend
+from cbam_kernels.ops.backend import ENV_VAR, available_backends
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -80,7 +80,7 @@ def _fresh_backend_choices():
 
 
 class KernelPipeline(NamedTuple):
-    """A kernel pipeline under test: its name and ``pipeline_kernels.KernelPipeline``."""
+    """A kernel pipeline under test: its name and ``ops.kernel_pipeline.KernelPipeline``."""
 
     name: str
     pipeline: object
@@ -105,7 +105,7 @@ def kernel_pipeline(request, monkeypatch):
     with contextlib.ExitStack() as stack:
         if name == "cuda-emulated":
             import cuda_emulation
-            from cbam_kernels.pipeline_kernels import KernelPipeline as Pipeline
+            from cbam_kernels.ops.kernel_pipeline import KernelPipeline as Pipeline
             stack.enter_context(cuda_emulation.memory_checks())
             pipeline = Pipeline(cuda_emulation.passes)
             monkeypatch.setattr(backend, "backend_for", lambda x: "cuda")

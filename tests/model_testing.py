@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from cbam_kernels import reference
-from cbam_kernels.convert import convert
+from cbam_kernels.conversion.convert import convert
 from cbam_kernels.models import resnet18
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -1,5 +1,5 @@
 """Helpers shared by the pass-level tests (``test_passes.py``, ``test_extension.py``): inputs of
-the six passes and the checks of their results against the specification ``passes_torch``.
+the six passes and the checks of their results against the specification ``ops.torch.passes``.
 
 Both sides of a comparison get the same (possibly low-precision) inputs and accumulate in
 float32, so float32 results agree to ~1e-5 and full-size low-precision outputs to one ulp of
@@ -92,12 +92,12 @@ def poison_free_memory():
 
 
 def check_partials(partials, total, mx=None, arg=None, atol=1e-5):
-    """Reduction partials (``passes_torch.Partials``): (S, N, K) with S >= 1, float32 sums and
+    """Reduction partials (``ops.torch.passes.Partials``): (S, N, K) with S >= 1, float32 sums and
     max, int32 arg, contiguous, max and arg present exactly when ``mx`` is given; combined in
     range order (``combine_partials``) the sums equal ``total`` (N, K) to 1e-5 relative and
     ``atol`` absolute (a long sum wants more), the max ``mx`` and the arg ``arg`` exactly (NaN
     where the reference has NaN). Returns S."""
-    from cbam_kernels.passes_torch import combine_partials
+    from cbam_kernels.ops.torch.passes import combine_partials
     s = partials.sum
     assert s.dim() == 3 and s.shape[0] >= 1 and s.shape[1:] == total.shape
     assert s.dtype == torch.float32 and s.is_contiguous()

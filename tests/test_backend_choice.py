@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from cbam_kernels import backend
+from cbam_kernels.ops import backend
 
 # Turing (RTX 20xx, T4), A100, Ampere RTX / A-series, Ada (RTX 40xx, L4, L40), Hopper (H100,
 # H200), B200, Blackwell RTX (RTX 50xx, RTX PRO) -> what auto takes with _C built and Triton
@@ -104,7 +104,7 @@ def test_interpreter_chosen_too_late_is_reported_unavailable():
     if torch.cuda.is_available():
         pytest.skip("with a CUDA device the Triton backend runs without the interpreter")
     code = ("import os, torch, triton, cbam_kernels\n"
-            "from cbam_kernels.backend import available_backends\n"
+            "from cbam_kernels.ops.backend import available_backends\n"
             "os.environ.pop('TRITON_INTERPRET', None)\n"
             "assert 'TRITON_INTERPRET is not set' in available_backends()['triton']\n"
             "os.environ['TRITON_INTERPRET'] = '1'\n"

@@ -21,9 +21,10 @@ from timm.layers.squeeze_excite import EffectiveSEModule, SEModule, SqueezeExcit
 from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
 
-from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate, backend, reference, revert
-from cbam_kernels.convert import ConversionSummary, convert
-from cbam_kernels.epilogue import FusedResidualBlock, Recipe, prove_residual
+from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate, reference, revert
+from cbam_kernels.ops import backend
+from cbam_kernels.conversion.convert import ConversionSummary, convert
+from cbam_kernels.conversion.residual import FusedResidualBlock, Recipe, prove_residual
 from model_testing import (OfficialBasicBlock, OfficialBottleneck, OfficialResNet, SELayer,
                            check_same, converted_pair, randomize, se_resnet)
 

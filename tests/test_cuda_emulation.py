@@ -1,5 +1,5 @@
 """The CUDA kernels of ``csrc/`` on the CPU, through the emulation in ``tests/cuda_emulation``,
-against their specification ``cbam_kernels.passes_torch``.
+against their specification ``cbam_kernels.ops.torch.passes``.
 
 No GPU needed: the kernels and ops are compiled with the host compiler (once per content of the
 sources) and run with every block's threads as fibers. The memory checks are on throughout:
@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 
-from cbam_kernels import passes_torch as ref
+from cbam_kernels.ops.torch import passes as ref
 from pass_testing import (DTYPES, GATES, check_full, check_masked_gy, check_partials,
                           grad_channel_args, grad_input_args, odd_layout, rand_full, rand_small,
                           relu_masked, to_layout)

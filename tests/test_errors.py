@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate, attention_gate
-from cbam_kernels.gate_math import GateConfig, GateParams
+from cbam_kernels.ops.types import GateConfig, GateParams
 from cbam_kernels.reference import OfficialCBAM
 
 MODULES = {"cbam": lambda: CBAM(8, 2), "se": lambda: SE(8, 2),

@@ -3,7 +3,7 @@
 Converted CBAM and SE ResNet-18s in eval mode export to graphs of standard operators only (no
 ``cbam_kernels`` op, no custom ONNX domain) that use the BatchNorm running statistics and mutate
 no buffer; ONNX Runtime's output matches PyTorch's. A kernel backend exports the same way: while
-exporting, every backend runs the specification (``gate_op.exporting``).
+exporting, every backend runs the specification (``ops.gate.exporting``).
 """
 
 import warnings
@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 
-from cbam_kernels import CBAM, backend
+from cbam_kernels import CBAM
+from cbam_kernels.ops import backend
 from model_testing import randomize, resnet18_pair
 
 SHAPE = (1, 3, 64, 64)

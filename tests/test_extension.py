@@ -7,7 +7,7 @@ was not built, unless ``CBAM_KERNELS_BUILD_CUDA=1`` says that it must have been 
 
 With a GPU (skipped otherwise): the ops name bad arguments; bitwise determinism; CUDA graph
 capture and replay of a CBAM forward+backward and torch.compile(mode="reduce-overhead"), on both
-kernel backends; a non-default stream; a tensor of more than 2**31 elements. The results of every pass against its specification ``passes_torch`` are tested in
+kernel backends; a non-default stream; a tensor of more than 2**31 elements. The results of every pass against its specification ``ops.torch.passes`` are tested in
 ``test_passes.py``, for this backend and the Triton one.
 """
 
@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import cbam_kernels
-from cbam_kernels import backend
-from cbam_kernels import passes_torch as ref
+from cbam_kernels.ops import backend
+from cbam_kernels.ops.torch import passes as ref
 from pass_testing import (DEVICE, GATES, grad_channel_args, grad_input_args, poison_free_memory,
                           rand_full, rand_small, to_layout)
 
@@ -39,7 +39,7 @@ GPU_REASON = backend.cuda_unavailable_reason()
 GPU = not GPU_REASON
 needs_gpu = pytest.mark.skipif(not GPU, reason=f"CUDA backend unusable here: {GPU_REASON}")
 if GPU:
-    from cbam_kernels import passes_cuda as cu
+    from cbam_kernels.ops.cuda import passes as cu
 
 PASSES = ("pool_hw", "channel_pool", "apply_gates", "grad_spatial", "grad_channel", "grad_input")
 SCHEMAS = {
@@ -95,8 +95,8 @@ def test_passes_cuda_has_the_spec_parameters():
     specification's own pipeline wants), channel_pool's max_first (the consumer of its
     partials orders the map), the epilogue's out of grad_spatial and grad_channel and
     grad_input's tail (the parameter gradients its launch computes too). Importing
-    passes_cuda does not need the extension."""
-    from cbam_kernels import passes_cuda
+    ops.cuda.passes does not need the extension."""
+    from cbam_kernels.ops.cuda import passes as passes_cuda
     changed = {"pool_hw": ["x", "with_max"], "channel_pool": ["x", "ca"],
                "grad_spatial": ["gy", "x", "ca", "out"],
                "grad_channel": ["gy", "x", "sa", "gp", "cstar", "max_first", "out"],
@@ -132,7 +132,7 @@ def test_cuda_backend_without_extension(monkeypatch):
 def test_package_works_without_extension():
     code = ("import sys; sys.modules['cbam_kernels._C'] = None\n"
             "import torch, cbam_kernels\n"
-            "from cbam_kernels.backend import available_backends, describe_backends\n"
+            "from cbam_kernels.ops.backend import available_backends, describe_backends\n"
             "assert 'not built' in available_backends()['cuda'], available_backends()\n"
             "x = torch.randn(2, 8, 5, 5, requires_grad=True)\n"
             "cbam_kernels.CBAM(8, reduction=2)(x).sum().backward()\n"
@@ -144,7 +144,7 @@ def test_package_works_without_extension():
 
 
 # ------------------------------------------------------------------------- passes on a GPU
-# The passes' results against passes_torch are in test_passes.py, for both kernel backends.
+# The passes' results against ops.torch.passes are in test_passes.py, for both kernel backends.
 
 
 @pytest.fixture(autouse=True)

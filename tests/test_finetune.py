@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 from cbam_kernels import finetune, models
-from cbam_kernels.convert import convert
+from cbam_kernels.conversion.convert import convert
 from cbam_kernels.models import AttendThenPool
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import cbam_kernels
-from cbam_kernels import CBAM, SE, pipeline_torch
-from cbam_kernels.gate_math import BatchNormState, GateConfig, GateParams
-from cbam_kernels.gate_op import _pack
+from cbam_kernels import CBAM, SE
+from cbam_kernels.ops.torch import pipeline as pipeline_torch
+from cbam_kernels.ops.types import BatchNormState, GateConfig, GateParams
+from cbam_kernels.ops.gate import _pack
 from gate_testing import EAGER_FACTOR, TOL_FLOOR, distinct_max_input, rel_err
 from pass_testing import DEVICE, to_layout
 
@@ -129,7 +130,7 @@ def ill_conditioned(shape, batch_stats):
 
 
 def run_spec(x, res, gy, params, cfg, bn, dtype=None, jitter=0.0):
-    """pipeline_torch forward + backward, everything cast to ``dtype`` (float64: the truth;
+    """ops.torch.pipeline forward + backward, everything cast to ``dtype`` (float64: the truth;
     None: as given, the specification at the kernels' precision) and, with ``jitter``, each
     input value moved by that relative amount at random. Returns every result by name."""
     g = torch.Generator(device=x.device).manual_seed(7)

@@ -4,7 +4,7 @@ Counted on the CPU (``benchmarks/launches.py``): every Triton launch (through Tr
 interpreter) plus every ATen op that runs on the device (views and allocations excepted) and
 every op of the C++ extension (one kernel each: the CUDA backend's passes, through their CPU
 emulation), forward and backward, at shapes whose reductions do and do not split. The budgets
-(the dependency floor of each gate, see ``pipeline_kernels``):
+(the dependency floor of each gate, see ``ops.kernel_pipeline``):
 
 =============  ==========  ============  ========
 module         eval fwd    train fwd     backward
@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.launches import module_launches
 from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate
-from cbam_kernels.passes_torch import merged_hw_stride
+from cbam_kernels.ops.types import merged_hw_stride
 from pass_testing import DEVICE, odd_layout, to_layout
 
 

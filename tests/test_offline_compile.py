@@ -14,12 +14,13 @@ stack, shared memory, resident programs per SM, global-load widths in the hot lo
 Skipped when nvcc or cuobjdump is missing (set CUDA_HOME).
 """
 
+import importlib
 import re
 from pathlib import Path
 
 import pytest
 
-from benchmarks import compile_report, offline_compile
+from benchmarks import compile_report, kernel_specs, offline_compile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,10 +133,9 @@ def test_no_spills_and_no_local_memory(compiled, backend, arch):
 
 
 def test_every_kernel_is_compiled_for_every_target(compiled):
-    """Every Triton kernel of the two kernel modules is launched by the workloads, and every
+    """Every Triton kernel of the Triton modules is launched by the workloads, and every
     kernel template of csrc/passes.cuh is instantiated; each for every target."""
-    from cbam_kernels import gate_math_triton, passes_triton
-    triton_kernels = {name for module in (passes_triton, gate_math_triton)
+    triton_kernels = {name for module in map(importlib.import_module, kernel_specs.KERNEL_MODULES)
                       for name in vars(module) if name.endswith("_kernel")}
     csrc_kernels = set(re.findall(r"__global__ void __launch_bounds__\(kThreads\)\s+(\w+)\(",
                                   (REPO / "csrc" / "passes.cuh").read_text()))

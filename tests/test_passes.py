@@ -1,13 +1,13 @@
-"""The kernel backends' six passes against their specification, ``cbam_kernels.passes_torch``.
+"""The kernel backends' six passes against their specification, ``cbam_kernels.ops.torch.passes``.
 
-The reductions return unfinished partials (``passes_torch.Partials``), checked once combined
-as ``passes_torch.combine_partials`` specifies; the first backward reduction also applies the
+The reductions return unfinished partials (``ops.types.Partials``), checked once combined
+as ``ops/torch/passes.combine_partials`` specifies; the first backward reduction also applies the
 ResNet epilogue's ReLU mask and returns the masked gy.
 
 Every test runs once per kernel backend (the ``kernels`` fixture yields its passes module);
 a backend that cannot run here is skipped with the reason:
 
-* ``triton`` (``passes_triton``; tests marked ``triton``) on a CUDA device, or on CPU tensors
+* ``triton`` (``ops/triton/passes.py``; tests marked ``triton``) on a CUDA device, or on CPU tensors
   through Triton's interpreter. The interpreter must be enabled before the kernels are imported,
   so run it in its own process::
 
@@ -15,7 +15,7 @@ a backend that cannot run here is skipped with the reason:
 
   Its reductions also take ``split=`` (the number of ranges of the reduced axis that separate
   programs reduce); the tests of reductions run with one range and with several.
-* ``cuda`` (``passes_cuda``) when the extension ``cbam_kernels._C`` is built and a GPU is present.
+* ``cuda`` (``ops/cuda/passes.py``) when the extension ``cbam_kernels._C`` is built and a GPU is present.
 
 Awkward shapes (larger ones only on a GPU: too slow for the interpreter), float32/float16/bfloat16,
 NCHW and channels_last, gy and residual in the other layout, odd strides, ties, NaN and empty
@@ -28,9 +28,9 @@ import importlib
 import pytest
 import torch
 
-from cbam_kernels import backend
-from cbam_kernels import passes_torch as ref
-from cbam_kernels.passes_torch import combine_partials
+from cbam_kernels.ops import backend
+from cbam_kernels.ops.torch import passes as ref
+from cbam_kernels.ops.torch.passes import combine_partials
 from pass_testing import (DEVICE, DTYPES, GATES, check_full, check_masked_gy, check_partials,
                           grad_channel_args, grad_input_args, odd_layout, poison_free_memory,
                           rand_full, rand_small, relu_masked, to_layout)
@@ -50,10 +50,10 @@ SPLITS = [1, 4]
 # (x layout, gy or residual layout)
 LAYOUT_PAIRS = [("nchw", "nchw"), ("cl", "cl"), ("nchw", "cl"), ("cl", "nchw")]
 # What each backend raises: Triton asserts on its arguments, the CUDA ops raise c10::Error.
-FLOAT64_ERROR = {"passes_triton": (AssertionError, "float16/bfloat16/float32"),
-                 "passes_cuda": (RuntimeError, "x must be float16, bfloat16 or float32")}
-EMPTY_MAX_ERROR = {"passes_triton": dict.fromkeys(("pool_hw", "channel_pool"), "zero-size axis"),
-                   "passes_cuda": {"pool_hw": r"empty H\*W", "channel_pool": "empty C"}}
+FLOAT64_ERROR = {"triton": (AssertionError, "float16/bfloat16/float32"),
+                 "cuda": (RuntimeError, "x must be float16, bfloat16 or float32")}
+EMPTY_MAX_ERROR = {"triton": dict.fromkeys(("pool_hw", "channel_pool"), "zero-size axis"),
+                   "cuda": {"pool_hw": r"empty H\*W", "channel_pool": "empty C"}}
 
 
 def _param(name, *values, test_id):
@@ -80,13 +80,13 @@ def over_backends(splits=None):
 @pytest.fixture(scope="module")
 def kernels(request):
     """The passes module of the backend named by the parameter, imported only here: importing
-    passes_triton fixes whether it interprets, passes_cuda needs the extension."""
-    return importlib.import_module(f"cbam_kernels.passes_{request.param}")
+    ops/triton fixes whether it interprets, ops/cuda needs the extension."""
+    return importlib.import_module(f"cbam_kernels.ops.{request.param}.passes")
 
 
 def _errors(table, kernels):
-    """The entry of ``table`` (keyed by module name) for the backend module ``kernels``."""
-    return table[kernels.__name__.rpartition(".")[2]]
+    """The entry of ``table`` (keyed by backend name) for the passes module ``kernels``."""
+    return table[kernels.__name__.split(".")[-2]]
 
 
 @pytest.fixture(autouse=True)
@@ -311,7 +311,7 @@ def test_zero_size(kernels, shape):
 
 @over_backends()
 def test_rejects_float64(kernels):
-    """float64 is for passes_torch: the kernels refuse it with a clear error."""
+    """float64 is for ops.torch.passes: the kernels refuse it with a clear error."""
     x = torch.randn(1, 2, 3, 3, dtype=torch.float64, device=DEVICE)
     error, message = _errors(FLOAT64_ERROR, kernels)
     with pytest.raises(error, match=message):

@@ -16,7 +16,7 @@ from timm.layers.cbam import CbamModule
 from torch import nn
 
 from cbam_kernels import CBAM, SE, ChannelGate, SpatialGate, convert, reference, revert
-from cbam_kernels.epilogue import FusedResidualBlock, Recipe
+from cbam_kernels.conversion.residual import FusedResidualBlock, Recipe
 from model_testing import OfficialBottleneck, OfficialResNet, check_same, randomize, se_resnet
 
 F64 = torch.float64

@@ -5,10 +5,10 @@ from typing import Optional
 from torch import nn
 
 from .. import reference
-from ..cbam import CBAM
-from ..channel_gate import ChannelGate
-from ..se import SE
-from ..spatial_gate import SpatialGate
+from ..modules.cbam import CBAM
+from ..modules.channel_gate import ChannelGate
+from ..modules.se import SE
+from ..modules.spatial_gate import SpatialGate
 
 KINDS = ("se", "cbam")
 

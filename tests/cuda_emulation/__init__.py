@@ -6,7 +6,7 @@ fibers, ``__syncthreads`` is a barrier between them, warp shuffles and votes wai
 of their mask, shared memory is checked for races and device pointers for bounds and alignment.
 The ops are registered for CPU tensors as ``torch.ops.cbam_kernels_emulated``, with the schemas
 of ``torch.ops.cbam_kernels_cuda``; :data:`passes` has the functions of
-``cbam_kernels.passes_cuda`` over them. The library is built once per content of its sources
+``cbam_kernels.ops.cuda.passes`` over them. The library is built once per content of its sources
 (``build/cuda_emulation/<hash>/``, git-ignored) and loaded at the first use.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
-from cbam_kernels.passes_cuda import OpPasses
+from cbam_kernels.ops.cuda.passes import OpPasses
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"

@@ -17,12 +17,12 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from . import reference
+from .. import reference
 from .adopt import adopt_tensors
-from .cbam import CBAM
-from .channel_gate import ChannelGate
-from .epilogue import FusedResidualBlock
-from .spatial_gate import SpatialGate
+from ..modules.cbam import CBAM
+from ..modules.channel_gate import ChannelGate
+from .residual import FusedResidualBlock
+from ..modules.spatial_gate import SpatialGate
 
 ORIGINAL = "_cbam_kernels_original"
 

@@ -1,8 +1,8 @@
 """The six full-size passes of CBAM and SE as Triton kernels.
 
-Same functions and results as :mod:`cbam_kernels.passes_torch` (the specification), for
+Same functions and results as :mod:`cbam_kernels.ops.torch.passes` (the specification), for
 float16, bfloat16 and float32 ``x`` and ``gy``, accumulating in float32, with two differences
-that save launches: the reductions return their :class:`~cbam_kernels.passes_torch.Partials`
+that save launches: the reductions return their :class:`~cbam_kernels.ops.torch.passes.Partials`
 unfinished (the small kernel that reads them finishes them), and the first backward reduction
 applies the ResNet epilogue's ReLU mask itself. Two kernels do all the work:
 
@@ -16,7 +16,7 @@ applies the ResNet epilogue's ReLU mask itself. Two kernels do all the work:
 * ``_gate_kernel`` writes ``gx1(src) * ca + ga / (H*W) + gm * [hw == pstar]``: ``grad_input``
   with src = gy, and ``apply_gates`` (y = x * sa * ca, or the ResNet block epilogue
   relu(x * sa * ca + residual)) with src = x and no gradient terms. ``grad_input`` may carry
-  the parameter-gradient tasks of ``gate_math_triton.param_grads_task``, which its first
+  the parameter-gradient tasks of ``ops.triton.param_grads_task``, which its first
   programs run (one launch for both).
 
 ``gx1 = gy * sa + gp_mean / C + gp_max * [c == cstar]`` is the gradient reaching x1 = x * ca;
@@ -39,8 +39,9 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from .gate_math_triton import ParamGrads, cdiv, param_grads_launch, param_grads_task
-from .passes_torch import KERNEL_DTYPES, Partials, merged_hw_stride
+from ..types import KERNEL_DTYPES, ParamGrads, Partials, merged_hw_stride
+from .common import cdiv
+from .param_grads import param_grads_launch, param_grads_task
 
 TILE = 4096             # elements per program tile
 FAST_BLOCK_MAX = 1024   # widest block along the contiguous axis
@@ -187,7 +188,7 @@ def _gate_kernel(src_ptr, res_ptr, out_ptr, ca_ptr, sa_ptr, gp_ptr, cstar_ptr, g
                  T_BLOCK_C: tl.constexpr, T_BLOCK_R: tl.constexpr, PBLOCK: tl.constexpr,
                  TBLOCK: tl.constexpr):
     """Programs [0, tail_tasks): the parameter-gradient tasks (arguments t_n ... TBLOCK, see
-    ``gate_math_triton.param_grads_task``). The others, one tile each (N * c_blocks *
+    ``ops.triton.param_grads_task``). The others, one tile each (N * c_blocks *
     hw_blocks): out = gx1(src) * ca + ga / HW + gm * [hw == pstar], then relu(out + res) with
     HAS_RES."""
     pid = tl.program_id(0)

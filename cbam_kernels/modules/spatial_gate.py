@@ -6,9 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from .channel_gate import check_style
-from .gate_math import BatchNormState, GateConfig, GateParams
-from .gate_op import attention_gate, check_residual
-from .gating import check_input, refuse_scripting
+from ..ops.types import BatchNormState, GateConfig, GateParams
+from ..ops.gate import attention_gate, check_residual
+from .checks import check_input, refuse_scripting
 
 BN_MOMENTUM = {"official": 0.01, "timm": 0.1}
 
@@ -79,7 +79,7 @@ class SpatialGate(nn.Module):
 
     def gate_params(self) -> GateParams:
         """The conv weight and BatchNorm affine terms as
-        :class:`~cbam_kernels.gate_math.GateParams`."""
+        :class:`~cbam_kernels.ops.torch.small_math.GateParams`."""
         conv, bn = (self.block._modules[k]._parameters for k in ("conv", "bn"))
         return GateParams(conv_w=conv["weight"], bn_w=bn["weight"], bn_b=bn["bias"])
 

@@ -2,11 +2,11 @@
 
 Backends:
 
-* ``cuda``   -- CUDA C++ kernels (``csrc/``, ``passes_cuda.py``), when the extension
+* ``cuda``   -- CUDA C++ kernels (``csrc/``, ``ops.cuda.passes.py``), when the extension
   ``cbam_kernels._C`` was built (``pip install --no-build-isolation -e .`` with nvcc) and holds
   code for the GPU;
-* ``triton`` -- fused Triton kernels (``passes_triton.py``);
-* ``torch``  -- plain PyTorch (``passes_torch.py``), for any device and dtype.
+* ``triton`` -- fused Triton kernels (``ops.triton.passes.py``);
+* ``torch``  -- plain PyTorch (``ops.torch.passes.py``), for any device and dtype.
 
 The two kernel backends take CUDA tensors of dtype float16, bfloat16 or float32.
 ``CBAM_KERNELS_BACKEND=auto|cuda|triton|torch`` forces one; forcing a kernel backend that is
@@ -17,8 +17,8 @@ else (CPU tensors, float64).
 :func:`describe_backends` reports all of this for the machine. The choice for a device and
 dtype is made at its first call, with the variable as it is then, and cached (a dictionary
 lookup per call): after changing the variable at run time, call :func:`forget_choices`.
-:func:`pipeline_for` gives the pipeline that runs it (``pipeline_torch``, or a
-``pipeline_kernels.KernelPipeline`` over the backend's passes).
+:func:`pipeline_for` gives the pipeline that runs it (``ops.torch.pipeline``, or a
+``ops.kernel_pipeline.KernelPipeline`` over the backend's passes).
 """
 
 import contextlib
@@ -33,8 +33,8 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
-from . import pipeline_torch
-from .passes_torch import KERNEL_DTYPES
+from .torch import pipeline as pipeline_torch
+from .types import KERNEL_DTYPES
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "CBAM_KERNELS_BACKEND"
@@ -97,13 +97,13 @@ def triton_unavailable_reason(device: Optional[torch.device] = None) -> str:
 def _interpreted() -> bool:
     """Whether the Triton kernels run in Triton's interpreter. Triton decides when it is first
     imported (TRITON_INTERPRET=1 at that moment interprets its own library functions, which
-    every kernel calls), and ``passes_triton`` when it is; until then the environment
+    every kernel calls), and ``ops.triton.passes`` when it is; until then the environment
     variable tells."""
     if "triton" not in sys.modules:
         return os.environ.get("TRITON_INTERPRET") == "1"
     from triton.language import standard
     from triton.runtime.interpreter import InterpretedFunction
-    module = sys.modules.get(f"{__package__}.passes_triton")
+    module = sys.modules.get(f"{__package__}.triton.passes")
     return (isinstance(standard.sigmoid, InterpretedFunction)
             and (module is None or module.INTERPRETED))
 
@@ -111,7 +111,7 @@ def _interpreted() -> bool:
 @functools.lru_cache(maxsize=None)
 def _extension_error() -> str:
     try:
-        importlib.import_module(f"{__package__}._C")
+        importlib.import_module(".._C", __package__)
     except ImportError as err:
         return str(err)
     return ""
@@ -257,12 +257,12 @@ def backend_name(device: torch.device, dtype: torch.dtype) -> str:
 
 @functools.lru_cache(maxsize=None)
 def pipeline_named(name: str) -> Union["pipeline_torch", "KernelPipeline"]:  # noqa: F821
-    """The pipeline of backend ``name``: the module ``pipeline_torch``, or the
+    """The pipeline of backend ``name``: the module ``ops.torch.pipeline``, or the
     ``KernelPipeline`` over the backend's passes (both have ``forward`` and ``backward``)."""
     if name == "torch":
         return pipeline_torch
-    from .pipeline_kernels import KernelPipeline
-    return KernelPipeline(importlib.import_module(f"{__package__}.passes_{name}"))
+    from .kernel_pipeline import KernelPipeline
+    return KernelPipeline(importlib.import_module(f"{__package__}.{name}.passes"))
 
 
 def pipeline_for(x: torch.Tensor) -> Union["pipeline_torch", "KernelPipeline"]:  # noqa: F821

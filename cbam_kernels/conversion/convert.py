@@ -7,11 +7,11 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import backend
+from ..ops import backend
 from .adopt import adopt_tensors
-from .epilogue import FusedResidualBlock, prove_residual
-from .models.attention import accepts_residual
-from .models.resnet import ResidualBlock
+from .residual import FusedResidualBlock, prove_residual
+from ..models.attention import accepts_residual
+from ..models.resnet import ResidualBlock
 from .recognise import Unsupported, looks_like_attention, recognise
 from .revert import remember, structure
 
@@ -47,7 +47,7 @@ def convert(model: nn.Module, *, fuse_epilogue: bool = True,
             verify: bool = True) -> Tuple[nn.Module, ConversionSummary]:
     """Replace, in place, every CBAM/SE module of ``model`` by its fused equivalent.
 
-    Recognised by structure (see :mod:`cbam_kernels.recognise`): the official repository's
+    Recognised by structure (see :mod:`cbam_kernels.conversion.recognise`): the official repository's
     ``CBAM``; timm's ``CbamModule``, ``ChannelAttn``, ``SpatialAttn``, ``SEModule`` (also in
     RegNet, NFNet, ...), the EfficientNet / MobileNetV3 ``SqueezeExcite`` and the legacy SENet
     ``SEModule``; torchvision's ``SqueezeExcitation``; and a plain SE block
@@ -64,7 +64,7 @@ def convert(model: nn.Module, *, fuse_epilogue: bool = True,
     Args:
         model: changed in place.
         fuse_epilogue: also rebuild every residual block whose forward is provably
-            ``relu(attention(main(x)) + shortcut(x))`` (see :mod:`cbam_kernels.epilogue`) so that
+            ``relu(attention(main(x)) + shortcut(x))`` (see :mod:`cbam_kernels.conversion.residual`) so that
             attention, add and ReLU run as one fused pass.
         verify: check each replacement against the original on a small float64 probe input, in
             training and in eval mode (on CPU copies, through the PyTorch backend whatever

@@ -1,8 +1,8 @@
 """Glue shared by every module: the input check and the refusal of TorchScript scripting.
 
 The modules (``ChannelGate``, ``SpatialGate``, ``SE``, ``CBAM``) call the fused gate
-(``gate_op.attention_gate``) with plain tensors and tuples -- their
-:class:`~cbam_kernels.gate_math.GateParams`, :class:`GateConfig` and the
+(``ops.gate.attention_gate``) with plain tensors and tuples -- their
+:class:`~cbam_kernels.ops.torch.small_math.GateParams`, :class:`GateConfig` and the
 :class:`BatchNormState` of their own BatchNorm; the checks here are cheap and walk no module
 tree.
 """

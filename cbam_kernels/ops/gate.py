@@ -8,9 +8,9 @@ One op covers SE, the CBAM channel gate, the CBAM spatial gate and whole CBAM:
     sa = sigmoid(BN(conv(p)))                          given (BatchNorm running statistics are
     y  = x1 * sa                                       updated in training)
 
-How a call runs depends on the backend that ``backend.pipeline_for`` picks for x:
+How a call runs depends on the backend that ``ops.backend.pipeline_for`` picks for x:
 
-* ``torch`` (CPU tensors, float64, or forced): ``pipeline_torch.forward`` in plain PyTorch under
+* ``torch`` (CPU tensors, float64, or forced): ``ops.torch.pipeline.forward`` in plain PyTorch under
   autograd, so eager mode runs PyTorch's own kernels and ``torch.compile`` traces and fuses it.
 * a kernel backend (``triton``, ``cuda``): in eager mode a ``torch.autograd.Function`` around the
   kernel pipeline (least host time per call: no dispatcher, one output, nothing materialised for
@@ -20,7 +20,7 @@ How a call runs depends on the backend that ``backend.pipeline_for`` picks for x
   returns the batch statistics and the running statistics are updated by PyTorch ops that the
   compiler fuses.
 * while exporting (``torch.export``, ``torch.onnx.export`` with either exporter,
-  ``torch.jit.trace``; see :func:`exporting`): ``pipeline_torch.forward`` on every backend, so an
+  ``torch.jit.trace``; see :func:`exporting`): ``ops.torch.pipeline.forward`` on every backend, so an
   exported graph holds standard ATen ops only and translates to standard ONNX operators.
 
 Autograd saves x (and the output, with a residual) plus per-(n, c) and per-(n, h, w) tensors.
@@ -31,10 +31,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import backend, pipeline_torch
-from .gate_math import (BatchNormState, ChannelSaved, GateConfig, GateParams, SpatialSaved,
-                        update_running_stats)
-from .passes_torch import acc_dtype
+from . import backend
+from .torch import pipeline as pipeline_torch
+from .torch.passes import acc_dtype
+from .torch.small_math import update_running_stats
+from .types import BatchNormState, ChannelSaved, GateConfig, GateParams, SpatialSaved
 
 
 def attention_gate(x: Tensor, residual: Optional[Tensor] = None,

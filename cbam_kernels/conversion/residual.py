@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .models.attention import accepts_residual
+from ..models.attention import accepts_residual
 from .recognise import has_hooks
 
 ADDS = {("call_function", operator.add), ("call_function", operator.iadd),

@@ -5,9 +5,9 @@ from typing import Optional, Sequence
 from torch import Tensor, nn
 
 from .channel_gate import POOL_TYPES, ChannelGate, check_style
-from .gate_math import GateParams
-from .gate_op import attention_gate
-from .gating import check_input, refuse_scripting
+from ..ops.types import GateParams
+from ..ops.gate import attention_gate
+from .checks import check_input, refuse_scripting
 from .spatial_gate import SpatialGate
 
 

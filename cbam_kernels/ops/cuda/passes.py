@@ -1,14 +1,14 @@
 """The six full-size passes of CBAM and SE as CUDA C++ kernels (``csrc/``, built into
 ``cbam_kernels._C``).
 
-The passes of :mod:`cbam_kernels.passes_torch` (the specification) for CUDA tensors ``x`` and
+The passes of :mod:`cbam_kernels.ops.torch.passes` (the specification) for CUDA tensors ``x`` and
 ``gy`` of dtype float16, bfloat16 or float32 in any memory format, accumulating in float32, with
 the interface of the fused pipeline's kernel backends:
 
 * the reductions return their results unfinished, as
-  :class:`~cbam_kernels.passes_torch.Partials` over S ranges of the reduced axis (S >= 1, chosen
+  :class:`~cbam_kernels.ops.torch.passes.Partials` over S ranges of the reduced axis (S >= 1, chosen
   by the kernels from the shape and layout), which the kernel that consumes them combines as
-  :func:`~cbam_kernels.passes_torch.combine_partials` specifies;
+  :func:`~cbam_kernels.ops.torch.passes.combine_partials` specifies;
 * ``channel_pool`` returns the mean and max over channels as such partials, not the map p, so it
   takes no ``max_first`` (the consumer orders the map);
 * ``grad_spatial`` and ``grad_channel`` take ``out``, the output of the forward's residual
@@ -16,7 +16,7 @@ the interface of the fused pipeline's kernel backends:
 
 Each function calls its op of ``torch.ops.cbam_kernels_cuda``, which runs on the current CUDA
 stream of x's device. The extension is loaded at the first call, which raises ImportError when
-it was not built; :mod:`cbam_kernels.backend` chooses this backend only when it loads.
+it was not built; :mod:`cbam_kernels.ops.backend` chooses this backend only when it loads.
 :class:`OpPasses` runs the same functions over any namespace of ops with the schemas of
 ``csrc/ops.cpp``: the CPU emulation of the kernels in ``tests/cuda_emulation`` has its own.
 """
@@ -27,8 +27,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .gate_math_triton import ParamGrads
-from .passes_torch import Partials
+from ..types import ParamGrads, Partials
 
 
 class OpPasses:
@@ -69,7 +68,7 @@ class OpPasses:
     def grad_channel(self, gy: Tensor, x: Tensor, sa: Optional[Tensor], gp: Optional[Tensor],
                      cstar: Optional[Tensor], max_first: bool,
                      out: Optional[Tensor] = None) -> Tuple[Partials, Optional[Tensor]]:
-        """(S, N, C) partial sums over H*W of gx1 * x, gx1 as ``passes_torch.grad_x1`` of g,
+        """(S, N, C) partial sums over H*W of gx1 * x, gx1 as ``ops.torch.passes.grad_x1`` of g,
         and gres; g and gres as in :meth:`grad_spatial`."""
         total, gres = self._ops.grad_channel(gy, x, sa, gp, cstar, max_first, out)
         return Partials(total), gres
@@ -90,7 +89,7 @@ class OpPasses:
 
 def _extension_ops() -> Any:
     """torch.ops.cbam_kernels_cuda, registered by loading the extension."""
-    from . import _C  # noqa: F401
+    from ... import _C  # noqa: F401
     return torch.ops.cbam_kernels_cuda
 
 

@@ -1,7 +1,7 @@
 """The fused gate on a kernel backend: full-size passes and small Triton kernels, in order.
 
-The passes (``passes_triton`` or ``passes_cuda``) leave their reductions unfinished and the
-small kernels of ``gate_math_triton`` finish them, so a call launches (kernels, nothing else):
+The passes (``ops.triton.passes`` or ``ops.cuda.passes``) leave their reductions unfinished and the
+small kernels of ``ops.triton`` finish them, so a call launches (kernels, nothing else):
 
 ==================  =====================================  =========================
 gate                forward                                backward
@@ -24,10 +24,10 @@ from typing import ContextManager, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import gate_math_triton as small
-from .gate_math import (BatchNormState, ChannelSaved, GateConfig, GateGrads, GateParams,
-                        SpatialSaved)
-from .passes_torch import merged_hw_stride
+from .types import (BatchNormState, ChannelGrads, ChannelSaved, GateConfig, GateGrads,
+                    GateParams, ParamGrads, SpatialGrads, SpatialSaved, merged_hw_stride)
+from .triton.channel_mlp import channel_mlp, mlp_backward
+from .triton.spatial import spatial_backward, spatial_gate
 
 
 def _on_device(x: Tensor) -> ContextManager:
@@ -45,6 +45,29 @@ def _mergeable(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.contiguous()
 
 
+def _empty_like_or_none(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else torch.empty_like(t)
+
+
+def param_grads_work(params: GateParams, act: str,
+                     channel: Optional[Tuple[ChannelSaved, ChannelGrads]],
+                     spatial: Optional[SpatialGrads]) -> ParamGrads:
+    """Allocate the parameter gradients (each like its parameter, strides included) and collect
+    what they are computed from: the channel gate's saved tensors and gradients and the spatial
+    gate's partials (either may be None: that gate is absent)."""
+    gw1, gb1, gw2, gb2 = (_empty_like_or_none(t) if channel is not None else None for t in params[:4])
+    gconv, gbn_w, gbn_b = (_empty_like_or_none(t) if spatial is not None else None for t in params[4:])
+    grads = GateParams(gw1, gb1, gw2, gb2, gconv, gbn_w, gbn_b)
+    gz = ghidden = pooled = hidden = wpart = bn_part = None
+    if channel is not None:
+        saved, channel_grads = channel
+        gz, ghidden, pooled, hidden = (channel_grads.gz, channel_grads.ghidden, saved.pooled,
+                                       saved.hidden)
+    if spatial is not None:
+        wpart, bn_part = spatial.wpart, spatial.bn_part
+    return ParamGrads(grads, gz, ghidden, pooled, hidden, act, wpart, bn_part)
+
+
 def _laid_out_like(t: Optional[Tensor], like: Tensor, copy: Tensor) -> Optional[Tensor]:
     """A full-size result ``t``, computed from ``copy`` (``like`` or its contiguous copy), laid
     out like ``torch.empty_like(like)`` as every result of the op is."""
@@ -56,8 +79,8 @@ def _laid_out_like(t: Optional[Tensor], like: Tensor, copy: Tensor) -> Optional[
 
 
 class KernelPipeline:
-    """:func:`forward` and :func:`backward` of ``pipeline_torch`` on the passes of one kernel
-    backend (``passes``: ``passes_triton`` or ``passes_cuda``)."""
+    """:func:`forward` and :func:`backward` of ``ops.torch.pipeline`` on the passes of one kernel
+    backend (``passes``: ``ops.triton.passes`` or ``ops.cuda.passes``)."""
 
     def __init__(self, passes: ModuleType):
         self.passes = passes
@@ -65,18 +88,18 @@ class KernelPipeline:
     def forward(self, x: Tensor, residual: Optional[Tensor], params: GateParams,
                 cfg: GateConfig, bn: BatchNormState
                 ) -> Tuple[Tensor, Optional[ChannelSaved], Optional[SpatialSaved]]:
-        """As ``pipeline_torch.forward``."""
+        """As ``ops.torch.pipeline.forward``."""
         _, _, h, w = x.shape
         channel = spatial = None
         given, x, residual = x, _mergeable(x), _mergeable(residual)
         with _on_device(x):
             if params.w1 is not None:
-                channel = small.channel_mlp(self.passes.pool_hw(x, cfg.use_max), params.w1,
+                channel = channel_mlp(self.passes.pool_hw(x, cfg.use_max), params.w1,
                                             params.b1, params.w2, params.b2, cfg.use_avg,
                                             cfg.use_max, cfg.act, cfg.gate)
             ca = channel.ca if channel is not None else None
             if params.conv_w is not None:
-                spatial = small.spatial_gate(self.passes.channel_pool(x, ca), params.conv_w,
+                spatial = spatial_gate(self.passes.channel_pool(x, ca), params.conv_w,
                                              params.bn_w, params.bn_b, bn, cfg.max_first, h, w)
             sa = spatial.sa.view(-1, h, w) if spatial is not None else None
             y = self.passes.apply_gates(x, ca, sa, residual)
@@ -85,7 +108,7 @@ class KernelPipeline:
     def backward(self, gy: Tensor, x: Tensor, out: Optional[Tensor], params: GateParams,
                  cfg: GateConfig, bn: BatchNormState, channel: Optional[ChannelSaved],
                  spatial: Optional[SpatialSaved]) -> GateGrads:
-        """As ``pipeline_torch.backward``."""
+        """As ``ops.torch.pipeline.backward``."""
         n, _, h, w = x.shape
         given, x, gy, out = x, _mergeable(x), _mergeable(gy), _mergeable(out)
         ca = channel.ca if channel is not None else None
@@ -95,16 +118,16 @@ class KernelPipeline:
             if spatial is not None:
                 part, gres = self.passes.grad_spatial(gy, x, ca, out)
                 gy, out = (gres, None) if gres is not None else (gy, out)
-                spatial_grads = small.spatial_backward(part, spatial, params.conv_w, params.bn_w,
+                spatial_grads = spatial_backward(part, spatial, params.conv_w, params.bn_w,
                                                        bn, h, w)
                 gp, cstar = spatial_grads.gp.view(n, 2, h, w), spatial.cstar.view(n, h, w)
             if channel is not None:
                 part, masked = self.passes.grad_channel(gy, x, sa, gp, cstar, cfg.max_first, out)
                 gy, gres = (masked, masked) if masked is not None else (gy, gres)
-                channel_grads = small.mlp_backward(part, channel, params.w1, params.w2,
+                channel_grads = mlp_backward(part, channel, params.w1, params.w2,
                                                    cfg.use_avg, cfg.use_max, cfg.act, cfg.gate)
                 ga, gm, pstar = channel_grads.ga, channel_grads.gm, channel.pstar
-            work = small.param_grads_work(
+            work = param_grads_work(
                 params, cfg.act, None if channel is None else (channel, channel_grads),
                 spatial_grads)
             gx = self.passes.grad_input(gy, x, ca, sa, gp, cstar, cfg.max_first, ga, gm, pstar,

@@ -8,89 +8,14 @@ dtype of the pooled tensors (float32, or float64 for gradcheck); parameter gradi
 the parameters' own dtypes.
 """
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .passes_torch import cast
-
-
-ACTIVATIONS = ("relu", "silu")
-GATES = ("sigmoid", "hardsigmoid")
-
-
-class GateConfig(NamedTuple):
-    """What a fused gate computes besides its parameters (hashable: launch plans key on it).
-
-    ``use_avg``/``use_max``: the pools the channel MLP sees; ``act``: its hidden activation
-    ('relu' or 'silu'); ``gate``: 'sigmoid' or 'hardsigmoid'; ``max_first``: the spatial map
-    is [max, mean] (official CBAM) rather than [mean, max] (timm)."""
-
-    use_avg: bool = True
-    use_max: bool = True
-    act: str = "relu"
-    gate: str = "sigmoid"
-    max_first: bool = True
-
-
-class GateParams(NamedTuple):
-    """The trainable tensors of a gate (None where absent): the channel MLP ``w1`` (R, C),
-    ``b1``, ``w2`` (C, R), ``b2`` -- no ``w1`` means no channel gate -- and the spatial gate's
-    ``conv_w`` (1, 2, k, k) and BatchNorm affine ``bn_w``, ``bn_b`` (1,) -- no ``conv_w``, no
-    spatial gate."""
-
-    w1: Optional[Tensor] = None
-    b1: Optional[Tensor] = None
-    w2: Optional[Tensor] = None
-    b2: Optional[Tensor] = None
-    conv_w: Optional[Tensor] = None
-    bn_w: Optional[Tensor] = None
-    bn_b: Optional[Tensor] = None
-
-
-class BatchNormState(NamedTuple):
-    """The spatial gate's BatchNorm besides its affine terms: the running statistics (None
-    without ``track_running_stats``), eps, momentum (None: cumulative average), and
-    ``batch_stats``: normalise with the batch's statistics (training), or with the running ones
-    (eval). With batch statistics and ``num_batches_tracked`` given, the running statistics are
-    updated as ``nn.BatchNorm2d`` updates them."""
-
-    running_mean: Optional[Tensor] = None
-    running_var: Optional[Tensor] = None
-    num_batches_tracked: Optional[Tensor] = None
-    eps: float = 1e-5
-    momentum: Optional[float] = 0.1
-    batch_stats: bool = True
-
-
-class GateGrads(NamedTuple):
-    """A fused gate's gradients: of x, of the residual (None without one) and of each
-    parameter (a :class:`GateParams` of gradients, None where the parameter is absent)."""
-
-    x: Tensor
-    residual: Optional[Tensor]
-    params: GateParams
-
-
-class ChannelSaved(NamedTuple):
-    """What the channel gate keeps for its backward (float32 or float64; pstar int32)."""
-
-    ca: Tensor                # (N, C) the gate
-    pooled: Tensor            # (K, N, C) average pool, then max pool (those in use)
-    hidden: Tensor            # (K, N, R) MLP pre-activations
-    pstar: Optional[Tensor]   # (N, C) arg-max over H*W, with the max pool
-
-
-class SpatialSaved(NamedTuple):
-    """What the spatial gate keeps for its backward (float32 or float64; cstar int32)."""
-
-    sa: Tensor      # (N, H*W) the gate
-    p: Tensor       # (N, 2, H*W) pooled map in the conv's channel order
-    cstar: Tensor   # (N, H*W) channel arg-max
-    xhat: Tensor    # (N, H*W) normalised conv output
-    stats: Tensor   # (3,) mean, biased variance and 1 / sqrt(var + eps) the BatchNorm used
+from ..types import BatchNormState, SpatialSaved
+from .passes import cast
 
 
 def activation(h: Tensor, act: str, inplace: bool = False) -> Tensor:

@@ -4,9 +4,9 @@ from typing import Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from .gate_math import ACTIVATIONS, GATES, GateConfig, GateParams
-from .gate_op import attention_gate
-from .gating import check_input, refuse_scripting
+from ..ops.types import ACTIVATIONS, GATES, GateConfig, GateParams
+from ..ops.gate import attention_gate
+from .checks import check_input, refuse_scripting
 from .mlp_layers import add_layers, get_layer, layer_paths
 
 STYLES = ("official", "timm")
@@ -105,7 +105,7 @@ class ChannelGate(nn.Module):
         return get_layer(self, first), get_layer(self, second)
 
     def gate_params(self) -> GateParams:
-        """The MLP's tensors as :class:`~cbam_kernels.gate_math.GateParams` (the Linear
+        """The MLP's tensors as :class:`~cbam_kernels.ops.torch.small_math.GateParams` (the Linear
         layers' (R, C) and (C, R) weights, or the 1x1 convs' (R, C, 1, 1) and (C, R, 1, 1))."""
         first, second = self._layers()
         first, second = first._parameters, second._parameters
@@ -122,7 +122,7 @@ class ChannelGate(nn.Module):
         return self._configs[True].gate
 
     def gate_config(self, max_first: bool = True) -> GateConfig:
-        """The gate's :class:`~cbam_kernels.gate_math.GateConfig` (``max_first``: the order of
+        """The gate's :class:`~cbam_kernels.ops.torch.small_math.GateConfig` (``max_first``: the order of
         a spatial gate's map that runs in the same call)."""
         return self._configs[max_first]
 

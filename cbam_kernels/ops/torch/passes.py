@@ -1,10 +1,10 @@
 """The six full-size passes of CBAM and SE, in plain PyTorch.
 
-Every fused gate is the same small pipeline (see ``gate_op.py``): a few passes over the large
+Every fused gate is the same small pipeline (see ``ops.gate.py``): a few passes over the large
 activation tensor ``x`` of shape (N, C, H, W), with all other work on per-sample vectors of
 length C and maps of size H x W. This module is the portable implementation of those passes:
 it runs on any device and dtype (float64 included, so ``gradcheck`` can test the fused backward
-formula on the CPU) and is the specification that the Triton kernels in ``passes_triton.py``
+formula on the CPU) and is the specification that the Triton kernels in ``ops.triton.passes.py``
 match, argument for argument.
 
 Shared conventions:
@@ -27,30 +27,12 @@ small kernel that consumes them combines the S results in range order, as
 deterministic.
 """
 
-import functools
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-#: The dtypes of x that the kernel backends take (float64 runs here only).
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-class Partials(NamedTuple):
-    """A reduction over one axis of x, split into S consecutive ranges of that axis.
-
-    ``sum`` (S, N, K) float32: per range, the sum of the values divided by the reduction's
-    divisor (the axis length for a mean, 1 for a sum), so that the S entries add up to the
-    result. ``max`` and ``arg`` (S, N, K) float32 and int32, or None: per range, the max and the
-    index (along the whole axis) of its first occurrence; a NaN wins over numbers, the first
-    NaN over later ones. K is the kept axis: C for a reduction over H*W, H*W for one over C.
-    """
-
-    sum: Tensor
-    max: Optional[Tensor] = None
-    arg: Optional[Tensor] = None
-
+from ..types import Partials
 
 def combine_partials(partials: Partials) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """The finished reduction (N, K): the sum of the ranges' sums, and the max with its first
@@ -65,19 +47,6 @@ def combine_partials(partials: Partials) -> Tuple[Tensor, Optional[Tensor], Opti
         take = (m > mx) | (m.isnan() & ~mx.isnan())
         mx, arg = torch.where(take, m, mx), torch.where(take, a, arg)
     return total, mx, arg
-
-
-@functools.lru_cache(maxsize=4096)
-def merged_hw_stride(shape: Tuple[int, ...], strides: Tuple[int, ...]) -> Optional[int]:
-    """The stride of the merged H*W axis of a 4-D tensor of this shape and these strides, or
-    None when its H and W dims do not merge into one strided axis. The kernel backends address
-    every full-size tensor as (N, C, H*W) and copy one whose H and W do not merge."""
-    _, _, h, w = shape
-    if w == 1:
-        return strides[2]
-    if h == 1 or strides[2] == w * strides[3]:
-        return strides[3]
-    return None
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:

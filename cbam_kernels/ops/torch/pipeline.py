@@ -1,6 +1,6 @@
 """The fused gate in plain PyTorch: the specification of the whole pipeline, on any device.
 
-:func:`forward` composes the passes of ``passes_torch`` with the small math of ``gate_math``
+:func:`forward` composes the passes of ``ops.torch.passes`` with the small math of ``ops.torch.small_math``
 in the order every backend follows (pool over H*W, channel MLP, pool over C, spatial conv +
 BatchNorm, apply), and is differentiable: the ``torch`` backend runs it under autograd, so that
 eager mode and ``torch.compile`` see plain PyTorch. :func:`backward` is the hand-written
@@ -13,8 +13,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import gate_math, passes_torch
-from .gate_math import (BatchNormState, ChannelSaved, GateConfig, GateGrads, GateParams,
+from . import passes as passes_torch
+from . import small_math as gate_math
+from ..types import (BatchNormState, ChannelSaved, GateConfig, GateGrads, GateParams,
                         SpatialSaved)
 
 

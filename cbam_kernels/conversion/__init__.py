@@ -1,0 +1,1 @@
+"""Swapping the fused modules into existing models and back: recognise, convert, revert."""

@@ -1,0 +1,1 @@
+"""The fused attention modules: CBAM, its channel and spatial gates, and SE (thin nn.Modules over ``ops``)."""

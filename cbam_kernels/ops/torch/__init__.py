@@ -1,0 +1,1 @@
+"""The PyTorch backend: the specification of every pass and of the whole pipeline, on any device."""
