@@ -11,13 +11,15 @@ Modules captured:
 * this package's ``CBAM``, ``ChannelGate``, ``SE`` and ``SpatialGate``: the maps are computed once
   more from the module's input by the specification (``ops.torch.pipeline.forward``, the math every
   backend implements; BatchNorm running statistics are read, never updated);
-* by structure, without importing their libraries, the eager originals:
-  ``cbam_kernels.reference``'s modules, the official CBAM repository's ``CBAM`` /
-  ``ChannelGate`` / ``SpatialGate``, timm's ``CbamModule``, ``ChannelAttn``, ``SpatialAttn`` and
-  ``SEModule``, torchvision's ``SqueezeExcitation`` and a plain SE block
-  (``AdaptiveAvgPool2d`` + ``Sequential(..., Sigmoid)``): the gate is read off the output of the
-  gate layer (or, for the official channel gate, whose sigmoid is a function, recomputed from
-  its MLP).
+* the eager originals, exactly those that :func:`cbam_kernels.conversion.recognise.identify`
+  recognises by structure, convertible or not (``cbam_kernels.reference``'s modules, the official
+  CBAM repository's ``CBAM`` / ``ChannelGate`` / ``SpatialGate``, timm's ``CbamModule``,
+  ``ChannelAttn``, ``SpatialAttn``, ``SEModule``, ``SqueezeExcite``, ``EffectiveSEModule``, ...,
+  torchvision's ``SqueezeExcitation`` and a plain SE block ``AdaptiveAvgPool2d`` +
+  ``Sequential(layer, act, layer, gate)``): each map is read where the recognition's
+  :class:`~cbam_kernels.conversion.recognise.MapSource` says, off the output of the gate layer
+  (or, where the sigmoid is a function, of the logits' layer, or for the official channel gate
+  recomputed from its MLP).
 
 Maps are detached; they are float32 (float64 for float64 inputs) for fused modules and in the
 module's dtype for the originals. A module called several times in the block keeps its latest
@@ -30,6 +32,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from .conversion.recognise import OFFICIAL_POOLED_MLP, SIGMOID_OF_OUTPUT, MapSource, identify
 from .ops.torch import pipeline as pipeline_torch
 from .modules.cbam import CBAM
 from .modules.channel_gate import ChannelGate
@@ -106,13 +109,13 @@ def _taps(module: nn.Module) -> List[Tap]:
     """The taps of ``module`` if it is an attention module, else []."""
     if isinstance(module, (CBAM, ChannelGate, SpatialGate)):
         return [Tap(module, _fused_reader(module))]
-    own = _channel_tap(module) or _spatial_tap(module)
-    if own is not None:
-        return [own]
-    children = module._modules
-    parts = [_channel_tap(children.get(n)) for n in ("ChannelGate", "channel")]
-    parts += [_spatial_tap(children.get(n)) for n in ("SpatialGate", "spatial")]
-    return [tap for tap in parts if tap is not None]
+    match = identify(module)
+    if match is None:
+        return []
+    # a source that is no submodule (a gate that is a function) shows no map
+    children = dict(module.named_modules(remove_duplicate=False))
+    return [Tap(children[source.path], _source_reader(source, children[source.path]))
+            for source in match.maps if source.path in children]
 
 
 def _recorder(maps: Dict[str, AttentionMaps], name: str, read: Reader):
@@ -147,51 +150,17 @@ def _fused_reader(module: nn.Module) -> Reader:
     return read
 
 
-def _child(module: nn.Module, name: str) -> Optional[nn.Module]:
-    value = module._modules.get(name)
-    return value if isinstance(value, nn.Module) else None
-
-
-def _channel_tap(module: Optional[nn.Module]) -> Optional[Tap]:
-    """The tap of a non-fused channel gate (SE included), or None if ``module`` is none."""
-    if module is None:
-        return None
-    if isinstance(getattr(module, "mlp", None), nn.Module) and hasattr(module, "pool_types"):
-        return Tap(module, _official_channel_reader(module))  # its sigmoid is a function
-    gate = _child(module, "gate" if "gate" in module._modules else "scale_activation")
-    if gate is not None and _child(module, "fc1") is not None and _child(module, "fc2") is not None:
-        return Tap(gate, lambda args, kwargs, out: {"channel": out.detach().flatten(1)})
-    children = list(module.children())
-    if (len(children) == 2 and isinstance(children[0], nn.AdaptiveAvgPool2d)
-            and isinstance(children[1], nn.Sequential) and len(children[1])
-            and isinstance(children[1][-1], nn.Sigmoid)):
-        return Tap(children[1], lambda args, kwargs, out: {"channel": out.detach().flatten(1)})
-    return None
-
-
-def _official_channel_reader(gate: nn.Module) -> Reader:
+def _source_reader(source: MapSource, seen: nn.Module) -> Reader:
+    """The reader of one map, seen in the forward of ``seen`` as the recognition's ``source``
+    says."""
     def read(args, kwargs, output):
-        x = args[0]
-        with torch.no_grad():
-            logits = sum(gate.mlp(OfficialChannelGate.pool(x, p)) for p in gate.pool_types)
-        return {"channel": torch.sigmoid(logits)}
+        if source.value == OFFICIAL_POOLED_MLP:  # the official ChannelGate: sigmoid a function
+            with torch.no_grad():
+                logits = sum(seen.mlp(OfficialChannelGate.pool(args[0], p))
+                             for p in seen.pool_types)
+            return {source.field: torch.sigmoid(logits)}
+        value = output.detach()
+        if source.value == SIGMOID_OF_OUTPUT:
+            value = torch.sigmoid(value)
+        return {source.field: value.flatten(1) if source.field == "channel" else value[:, 0]}
     return read
-
-
-def _spatial_tap(module: Optional[nn.Module]) -> Optional[Tap]:
-    """The tap of a non-fused spatial gate, or None if ``module`` is none."""
-    if module is None:
-        return None
-    if _child(module, "compress") is not None and _child(module, "spatial") is not None:
-        # the official SpatialGate: spatial = conv + BN, sigmoid as a function
-        return Tap(module.spatial,
-                   lambda args, kwargs, out: {"spatial": torch.sigmoid(out.detach())[:, 0]})
-    gate, conv = _child(module, "gate"), _child(module, "conv")
-    if gate is not None and conv is not None and _first_conv_inputs(conv) == 2:
-        return Tap(gate, lambda args, kwargs, out: {"spatial": out.detach()[:, 0]})
-    return None
-
-
-def _first_conv_inputs(module: nn.Module) -> Optional[int]:
-    """in_channels of the first Conv2d in ``module`` (itself included), or None."""
-    return next((m.in_channels for m in module.modules() if isinstance(m, nn.Conv2d)), None)

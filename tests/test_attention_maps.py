@@ -8,12 +8,14 @@ from collections import OrderedDict
 import pytest
 import torch
 import torchvision
-from timm.layers.cbam import CbamModule
-from timm.layers.squeeze_excite import SEModule
+from timm.layers.cbam import CbamModule, LightCbamModule
+from timm.layers.squeeze_excite import EffectiveSEModule, SEModule
 from torch import nn
 
 from cbam_kernels import (CBAM, SE, ChannelGate, SpatialGate, capture_attention, convert,
                           plot_spatial_maps, reference)
+from cbam_kernels.attention_maps import find_attention
+from cbam_kernels.conversion import recognise
 from cbam_kernels.models import resnet18
 from model_testing import randomize
 
@@ -100,6 +102,58 @@ def test_capture_changes_nothing():
         with capture_attention(model):
             raise RuntimeError("boom")
     assert not any(m._forward_hooks for m in model.modules())
+
+
+class PlainSE(nn.Module):
+    """An SE block of a pool and a Sequential of five: no structure recognise knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(8, 2), nn.ReLU(), nn.Linear(2, 8),
+                                nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.fc(self.pool(x))[:, :, None, None]
+
+
+@pytest.mark.parametrize("module, fields", [
+    (CbamModule(8), ("channel", "spatial")),
+    (LightCbamModule(8), ("spatial",)),  # not convertible; its channel sigmoid is a function
+    (EffectiveSEModule(8), ("channel",)),  # recognised, never converted
+    (SEModule(8, rd_channels=2, add_maxpool=True), ("channel",)),
+    (reference.OfficialCBAM(8, 2, no_spatial=True), ("channel",)),
+    (PlainSE(), ()),
+    (nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Sequential(nn.Flatten(), nn.Sigmoid())), ()),
+])
+def test_captured_exactly_as_recognised(module, fields):
+    """capture_attention takes the module for what recognise.identify says it is (convertible
+    or not) and reads the maps where the match says, and captures nothing identify rejects."""
+    match = recognise.identify(module)
+    assert (match is None) == (not fields)
+    assert list(find_attention(module)) == ([] if match is None else [""])
+    if match is None:
+        with pytest.raises(ValueError, match="no CBAM or SE module"):
+            captured(module, torch.randn(2, 8, 5, 6))
+        return
+    assert recognise.is_attention(module)
+    maps = captured(module.eval(), torch.randn(2, 8, 5, 6))[""]
+    assert tuple(f for f in ("channel", "spatial") if getattr(maps, f) is not None) == fields
+    shapes = {"channel": (2, 8), "spatial": (2, 5, 6)}
+    assert all(getattr(maps, f).shape == shapes[f] for f in fields)
+
+
+def test_capture_follows_the_recognisers(monkeypatch):
+    """Without timm's CbamModule recogniser, capture_attention no longer knows the module as a
+    whole (only its standalone-recognised parts, under their own names)."""
+    module = CbamModule(8)
+    assert [tap.module for tap in find_attention(module)[""]] == [module.channel.gate,
+                                                                  module.spatial.gate]
+    monkeypatch.setattr(recognise, "RECOGNISERS", tuple(
+        r for r in recognise.RECOGNISERS if r is not recognise.timm_cbam))
+    assert recognise.identify(module) is None
+    assert recognise.identify(module.channel).kind == "timm ChannelAttn"
+    assert list(find_attention(module)) == ["channel", "spatial"]
 
 
 def test_no_attention_is_an_error():

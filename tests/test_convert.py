@@ -104,6 +104,22 @@ def test_official_cbam_variants(train):
 
 
 @pytest.mark.parametrize("train", [True, False])
+def test_official_gates_on_their_own(train):
+    """The official ChannelGate and SpatialGate outside a CBAM (which capture_attention knows
+    too, by the same recognisers) convert to their fused twins, and revert."""
+    model = nn.Sequential(reference.OfficialChannelGate(32, 4, ("max", "avg")),
+                          reference.OfficialSpatialGate(5)).to(F64)
+    randomize(model)
+    x = torch.randn(2, 32, 6, 5, dtype=F64)
+    converted, summary = _check_converted(model, x, train, replaced=2, fused=0)
+    assert isinstance(converted[0], ChannelGate) and converted[1].kernel_size == 5
+    assert [what.split(" ->")[0] for _, what in summary.replaced] == [
+        "official ChannelGate", "official SpatialGate"]
+    assert [type(m) for m in revert(converted)] == [reference.OfficialChannelGate,
+                                                    reference.OfficialSpatialGate]
+
+
+@pytest.mark.parametrize("train", [True, False])
 def test_reference_se_modules(train):
     """The reference SE modules (``fc1, act, fc2, gate``, the children of timm's ChannelAttn
     too, and the Linear ``SEBlock``) convert as SE, average pool only."""
@@ -149,6 +165,7 @@ def _skipped(model):
 
 @pytest.mark.parametrize("module, reason", [
     (lambda: reference.OfficialCBAM(32, 4, ("avg", "lp")), "pool types"),
+    (lambda: reference.OfficialChannelGate(32, 4, ("avg", "lse")), "pool types"),
     (lambda: CbamModule(32, act_layer=nn.ReLU6), "activation 'relu6'"),
     (lambda: CbamModule(32, gate_layer="hard_sigmoid"), "spatial gate 'hardsigmoid'"),
     (lambda: LightCbamModule(32), "spatial conv"),
