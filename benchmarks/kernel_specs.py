@@ -18,6 +18,7 @@ first imported, so :func:`specialisations` runs the capture in a process of its 
     TRITON_INTERPRET=1 python -m benchmarks.kernel_specs     # prints the specialisations (JSON)
 """
 
+import collections
 import contextlib
 import json
 import os
@@ -96,17 +97,69 @@ def _caller() -> str:
     return "?"
 
 
+def _flat(values) -> Iterator[str]:
+    """The type strings of a signature, tuple arguments flattened."""
+    for value in values:
+        if isinstance(value, tuple):
+            yield from _flat(value)
+        else:
+            yield value
+
+
+def _constexprs(jit, bound: dict) -> Iterator[Tuple[str, object]]:
+    """(name, value) of every constexpr: the kernel's own and the fields of its tuple
+    arguments that are constexprs (e.g. ``ParamGradsTail.CHANNEL``)."""
+    for param in jit.params:
+        value = bound[param.name]
+        if param.is_constexpr:
+            yield param.name, value
+        elif isinstance(value, tuple) and hasattr(value, "_fields"):
+            for name, field in zip(value._fields, value):
+                if isinstance(field, tl_constexpr()):
+                    yield name, field.value
+
+
+def tl_constexpr() -> type:
+    """``triton.language.constexpr`` (imported late: the interpreter mode must be set first)."""
+    import triton.language as tl
+    return tl.constexpr
+
+
 def _variant(jit, bound: dict, signature: dict) -> str:
     """The element type of the first tensor, the constexpr flags that are set and the block
     sizes (but blocks of 1: unused), e.g. ``fp16 WITH_MAX BLOCK_C=256 BLOCK_HW=16``."""
-    words = [next((t[1:] for t in signature.values() if t.startswith("*")), "")]
-    for param in jit.params:
-        value = bound[param.name]
-        if param.is_constexpr and value is True:
-            words.append(param.name)
-        elif param.is_constexpr and "BLOCK" in param.name and value != 1:
-            words.append(f"{param.name}={value}")
+    words = [next((t[1:] for t in _flat(signature.values()) if t.startswith("*")), "")]
+    for name, value in _constexprs(jit, bound):
+        if value is True:
+            words.append(name)
+        elif "BLOCK" in name and value != 1:
+            words.append(f"{name}={value}")
     return " ".join(words)
+
+
+def encode_types(value):
+    """A signature entry as JSON: a (named) tuple argument as ``{"tuple": name, "fields": [...],
+    "items": [...]}``; :func:`decode_types` inverts it."""
+    if isinstance(value, tuple):
+        return {"tuple": type(value).__name__, "fields": list(getattr(value, "_fields", ())),
+                "items": [encode_types(v) for v in value]}
+    return value
+
+
+def decode_types(value):
+    """The signature entry that :func:`encode_types` wrote (tuple arguments as named tuples with
+    their fields, which the kernel's attribute accesses need)."""
+    if isinstance(value, dict):
+        items = [decode_types(v) for v in value["items"]]
+        if not value["fields"]:
+            return tuple(items)
+        return collections.namedtuple(value["tuple"], value["fields"])(*items)
+    return value
+
+
+def _plain(value):
+    """A constexpr or attribute value as JSON (Triton constexpr objects unwrapped)."""
+    return getattr(value, "value", value) if isinstance(value, tl_constexpr()) else value
 
 
 @contextlib.contextmanager
@@ -131,7 +184,8 @@ def _recording(keep: Callable[[dict], None]) -> Iterator[None]:
                                                                    specialization, options)
             keep(dict(kernel=f"{fn.__module__}:{fn.__name__}",
                       variant=_variant(jit, bound, signature), caller=_caller(),
-                      signature=signature, constexprs=[[list(k), v] for k, v in constexprs.items()],
+                      signature={k: encode_types(v) for k, v in signature.items()},
+                      constexprs=[[list(k), _plain(v)] for k, v in constexprs.items()],
                       attrs=[[list(k), v] for k, v in attrs.items()],
                       num_warps=options.num_warps, num_stages=options.num_stages))
         return launch

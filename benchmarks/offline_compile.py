@@ -121,7 +121,8 @@ def triton_job(spec: dict, arch: int) -> List[dict]:
     from triton.backends.compiler import GPUTarget
     module, name = spec["kernel"].split(":")
     fn = getattr(importlib.import_module(module), name)
-    source = triton.compiler.ASTSource(fn, spec["signature"],
+    signature = {k: kernel_specs.decode_types(v) for k, v in spec["signature"].items()}
+    source = triton.compiler.ASTSource(fn, signature,
                                        {tuple(p): v for p, v in spec["constexprs"]},
                                        {tuple(p): v for p, v in spec["attrs"]})
     log = io.StringIO()

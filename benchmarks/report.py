@@ -13,7 +13,7 @@ are read as one. Charts:
 format) and
 ``bandwidth_<dtype>.png`` (% of the copy bandwidth, a panel per op and pass). With ``--readme``
 the text between ``<!-- results:start -->`` and ``<!-- results:end -->`` in that file becomes
-a brief form of it (header, targets, ResNet-50, a link to results.md for the op tables, the
+a brief form of it (header, ResNet-50, a link to results.md for the targets and op tables, the
 charts), its links relative to the README.
 """
 
@@ -367,22 +367,22 @@ def _bar_chart(path: Path, title: str, panels: Dict[Tuple[str, str], List[dict]]
 def render(results: Results, charts: List[Path], chart_dir: str, level: int = 1,
            brief: bool = False) -> str:
     """The Markdown report, its title at heading ``level``; charts link to
-    ``chart_dir/<name>``. ``brief``: header, targets, ResNet-50, a link to ``chart_dir/results.md``
-    for the op tables, the charts (the README's form)."""
+    ``chart_dir/<name>``. ``brief``: header, ResNet-50, a link to ``chart_dir/results.md`` for the
+    targets and the op tables, the charts (the README's form)."""
     title, section = "#" * level, "#" * (level + 1)
     parts = [f"{title} cbam_kernels benchmark results", header(results)]
-    targets = targets_table(results.ops, fastest_only=brief)
-    if targets:
-        parts.append(f"{section} Targets\n\n" + targets)
     if brief:
         if results.models:
             parts.append(f"{section} ResNet-50\n\n" + model_table(results.models))
         if results.ops:
-            parts.append(f"Every op time (ms per provider, GB/s, % of the copy bandwidth, times "
-                         f"the floor, launches), the host time and the peak memory: "
-                         f"[results.md]({chart_dir}/results.md).")
-    if brief:
+            parts.append(f"The targets met and missed, every op time (ms per provider, GB/s, % "
+                         f"of the copy bandwidth, times the floor, launches), the host time and "
+                         f"the peak memory: [results.md]({chart_dir}/results.md).")
         return "\n\n".join(parts + _chart_links(charts, chart_dir, section)) + "\n"
+    fastest = targets_table(results.ops, fastest_only=True)
+    if fastest:
+        parts.append(f"{section} Targets\n\nThe fastest of ours at each shape:\n\n{fastest}\n\n"
+                     f"Per provider:\n\n{targets_table(results.ops)}")
     if results.ops:
         parts.append(f"{section} Ops\n\n{OPS_NOTE}\n\n"
                      + op_tables(results.ops, "#" * (level + 2)))

@@ -31,7 +31,7 @@ strides and flags only, and are cached.
 """
 
 import functools
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -50,6 +50,40 @@ TARGET_PROGRAMS = 512   # reductions split until they launch about this many pro
 NO_INDEX = tl.constexpr(2**31 - 1)
 
 
+class Full(NamedTuple):
+    """A full-size tensor as one (tuple) kernel argument: the tensor (None when absent) and its
+    (sN, sC, sHW) strides."""
+
+    ptr: Optional[Tensor]
+    s_n: int
+    s_c: int
+    s_hw: int
+
+
+class Gates(NamedTuple):
+    """The small per-sample tensors of a pass as one (tuple) kernel argument, contiguous, None
+    where absent: the gates ca (N, C) and sa (N, H*W), the pooled map's gradient gp (N, 2, H*W)
+    and its channel arg-max cstar (N, H*W); for grad_input also the pooled vectors' gradients
+    ga, gm (N, C) and the position arg-max pstar (N, C)."""
+
+    ca: Optional[Tensor]
+    sa: Optional[Tensor]
+    gp: Optional[Tensor]
+    cstar: Optional[Tensor]
+    ga: Optional[Tensor] = None
+    gm: Optional[Tensor] = None
+    pstar: Optional[Tensor] = None
+
+
+class PartialsOut(NamedTuple):
+    """Where a reduction writes its (S, N, K) partials, as one (tuple) kernel argument: sums,
+    and with WITH_MAX the maxes and their indices (else None)."""
+
+    sums: Tensor
+    maxes: Optional[Tensor]
+    idx: Optional[Tensor]
+
+
 # ----------------------------------------------------------------------------- jit helpers
 
 @triton.jit
@@ -66,9 +100,15 @@ def _offsets(c, hw, s_c, s_hw):
 
 
 @triton.jit
-def _load_tile(ptr, n, c, hw, mask, s_n, s_c, s_hw):
-    """A tile of an (N, C, HW) tensor as float32, zero outside ``mask`` (n is int64)."""
-    return tl.load(ptr + n * s_n + _offsets(c, hw, s_c, s_hw), mask=mask, other=0).to(tl.float32)
+def _tile_ptrs(t, n, c, hw):
+    """The addresses of a tile of the :class:`Full` tensor ``t`` (n is int64)."""
+    return t.ptr + n * t.s_n + _offsets(c, hw, t.s_c, t.s_hw)
+
+
+@triton.jit
+def _load_tile(t, n, c, hw, mask):
+    """A tile of the :class:`Full` tensor ``t`` as float32, zero outside ``mask``."""
+    return tl.load(_tile_ptrs(t, n, c, hw), mask=mask, other=0).to(tl.float32)
 
 
 @triton.jit
@@ -77,16 +117,17 @@ def _load_vec(row_ptr, idx, size):
 
 
 @triton.jit
-def _grad_x1(gy, n, c, hw, C, HW, sa_ptr, gp_ptr, cstar_ptr,
+def _grad_x1(gy, n, c, hw, C, HW, gates,
              HAS_SA: tl.constexpr, HAS_GP: tl.constexpr, MAX_PLANE: tl.constexpr):
-    """gx1 = gy * sa + gp_mean / C + gp_max * [c == cstar] on a tile; absent terms drop out."""
+    """gx1 = gy * sa + gp_mean / C + gp_max * [c == cstar] on a tile (sa, gp, cstar of the
+    :class:`Gates` ``gates``); absent terms drop out."""
     g = gy
     if HAS_SA:
-        g = g * _load_vec(sa_ptr + n * HW, hw, HW)[None, :]
+        g = g * _load_vec(gates.sa + n * HW, hw, HW)[None, :]
     if HAS_GP:
-        gp_row = gp_ptr + n * 2 * HW
+        gp_row = gates.gp + n * 2 * HW
         g = g + (_load_vec(gp_row + (1 - MAX_PLANE) * HW, hw, HW) / C)[None, :]
-        is_max = c[:, None] == _load_vec(cstar_ptr + n * HW, hw, HW)[None, :]
+        is_max = c[:, None] == _load_vec(gates.cstar + n * HW, hw, HW)[None, :]
         g = g + tl.where(is_max, _load_vec(gp_row + MAX_PLANE * HW, hw, HW)[None, :], 0.0)
     return g
 
@@ -115,18 +156,16 @@ def _max_finish(best, best_idx, AXIS: tl.constexpr):
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _reduce_kernel(x_ptr, gy_ptr, out_ptr, gres_ptr, ca_ptr, sa_ptr, gp_ptr, cstar_ptr,
-                   sum_ptr, max_ptr, idx_ptr, N, C, HW, divisor, kept_blocks, splits, chunk,
-                   x_sn, x_sc, x_shw, gy_sn, gy_sc, gy_shw, o_sn, o_sc, o_shw,
-                   g_sn, g_sc, g_shw,
-                   OVER_C: tl.constexpr, WITH_MAX: tl.constexpr, HAS_CA: tl.constexpr,
+def _reduce_kernel(x, gy, out, gres, gates, partials, N, C, HW, divisor, kept_blocks, splits,
+                   chunk, OVER_C: tl.constexpr, WITH_MAX: tl.constexpr, HAS_CA: tl.constexpr,
                    HAS_GY: tl.constexpr, HAS_OUT: tl.constexpr, HAS_SA: tl.constexpr,
                    HAS_GP: tl.constexpr, MAX_PLANE: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_HW: tl.constexpr):
     """Partials over the range [split * chunk, (split + 1) * chunk) of the reduced axis (C when
     OVER_C, else H*W) of v = x * ca * gx1(g): sum / divisor, and with WITH_MAX the max of v and
     its first index. g = gy, or with HAS_OUT gy zeroed where out <= 0 (and written to gres).
-    ``chunk`` is a multiple of the reduced axis' block. Grid: N * kept_blocks * splits programs;
+    x, gy, out, gres: :class:`Full`; ca, sa, gp, cstar: of the :class:`Gates` ``gates``; the
+    results go to the :class:`PartialsOut` ``partials``. ``chunk`` is a multiple of the reduced axis' block. Grid: N * kept_blocks * splits programs;
     partials are (splits, N, K) with K the kept axis' length."""
     pid = tl.program_id(0)
     split = pid % splits
@@ -142,18 +181,16 @@ def _reduce_kernel(x_ptr, gy_ptr, out_ptr, gres_ptr, ca_ptr, sa_ptr, gp_ptr, cst
             c, hw, mask = _tile(pos, block * BLOCK_HW, C, HW, BLOCK_C, BLOCK_HW)
         else:
             c, hw, mask = _tile(block * BLOCK_C, pos, C, HW, BLOCK_C, BLOCK_HW)
-        v = _load_tile(x_ptr, n, c, hw, mask, x_sn, x_sc, x_shw)
+        v = _load_tile(x, n, c, hw, mask)
         if HAS_CA:
-            v = v * _load_vec(ca_ptr + n * C, c, C)[:, None]
+            v = v * _load_vec(gates.ca + n * C, c, C)[:, None]
         if HAS_GY:
-            g = _load_tile(gy_ptr, n, c, hw, mask, gy_sn, gy_sc, gy_shw)
+            g = _load_tile(gy, n, c, hw, mask)
             if HAS_OUT:
-                shut = _load_tile(out_ptr, n, c, hw, mask, o_sn, o_sc, o_shw) <= 0
+                shut = _load_tile(out, n, c, hw, mask) <= 0
                 g = tl.where(shut, 0.0, g)  # a NaN output passes g, as threshold_backward
-                tl.store(gres_ptr + n * g_sn + _offsets(c, hw, g_sc, g_shw),
-                         g.to(gres_ptr.dtype.element_ty), mask=mask)
-            v = v * _grad_x1(g, n, c, hw, C, HW, sa_ptr, gp_ptr, cstar_ptr,
-                             HAS_SA, HAS_GP, MAX_PLANE)
+                tl.store(_tile_ptrs(gres, n, c, hw), g.to(gres.ptr.dtype.element_ty), mask=mask)
+            v = v * _grad_x1(g, n, c, hw, C, HW, gates, HAS_SA, HAS_GP, MAX_PLANE)
         total += v
         if WITH_MAX:
             best, best_idx = _max_update(v, c[:, None] if OVER_C else hw[None, :], mask,
@@ -164,60 +201,49 @@ def _reduce_kernel(x_ptr, gy_ptr, out_ptr, gres_ptr, ca_ptr, sa_ptr, gp_ptr, cst
     else:
         kept = block * BLOCK_C + tl.arange(0, BLOCK_C)
         K = C
-    out = (split * N + n) * K + kept
+    at = (split * N + n) * K + kept
     AXIS: tl.constexpr = 0 if OVER_C else 1
-    tl.store(sum_ptr + out, tl.sum(total, AXIS) / divisor, mask=kept < K)
+    tl.store(partials.sums + at, tl.sum(total, AXIS) / divisor, mask=kept < K)
     if WITH_MAX:
         row_max, row_idx = _max_finish(best, best_idx, AXIS)
-        tl.store(max_ptr + out, row_max, mask=kept < K)
-        tl.store(idx_ptr + out, row_idx, mask=kept < K)
+        tl.store(partials.maxes + at, row_max, mask=kept < K)
+        tl.store(partials.idx + at, row_idx, mask=kept < K)
 
 
 @triton.jit
-def _gate_kernel(src_ptr, res_ptr, out_ptr, ca_ptr, sa_ptr, gp_ptr, cstar_ptr, ga_ptr, gm_ptr,
-                 pstar_ptr, C, HW, c_blocks, hw_blocks, src_sn, src_sc, src_shw,
-                 res_sn, res_sc, res_shw, out_sn, out_sc, out_shw, tail_tasks,
-                 t_n, t_c, t_r, gz, ghidden, pooled, hidden, gw1, sg1_r, sg1_c, gb1, gw2, sg2_c,
-                 sg2_r, gb2, programs, wpart, bn_part, gconv, sgc_ch, sgc_i, sgc_j, gbn_w, gbn_b,
+def _gate_kernel(src, res, out, gates, C, HW, c_blocks, hw_blocks, tail,
                  HAS_CA: tl.constexpr, HAS_SA: tl.constexpr, HAS_GP: tl.constexpr,
                  MAX_PLANE: tl.constexpr, HAS_GA: tl.constexpr, HAS_GM: tl.constexpr,
-                 HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-                 CHANNEL: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr,
-                 HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, SPATIAL: tl.constexpr,
-                 KSIZE: tl.constexpr, HAS_BN_W: tl.constexpr, HAS_BN_B: tl.constexpr,
-                 T_BLOCK_C: tl.constexpr, T_BLOCK_R: tl.constexpr, PBLOCK: tl.constexpr,
-                 TBLOCK: tl.constexpr):
-    """Programs [0, tail_tasks): the parameter-gradient tasks (arguments t_n ... TBLOCK, see
-    ``ops.triton.param_grads_task``). The others, one tile each (N * c_blocks *
-    hw_blocks): out = gx1(src) * ca + ga / HW + gm * [hw == pstar], then relu(out + res) with
-    HAS_RES."""
+                 HAS_RES: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_HW: tl.constexpr):
+    """With HAS_TAIL, programs [0, tail.tasks) run the parameter-gradient tasks of the
+    :class:`~.param_grads.ParamGradsTail` ``tail`` (else None). The others, one tile each
+    (N * c_blocks * hw_blocks): out = gx1(src) * ca + ga / HW + gm * [hw == pstar], then
+    relu(out + res) with HAS_RES; src, res, out: :class:`Full`, the rest of :class:`Gates`."""
     pid = tl.program_id(0)
-    if pid < tail_tasks:
-        param_grads_task(pid, t_n, t_c, t_r, gz, ghidden, pooled, hidden, gw1, sg1_r, sg1_c,
-                         gb1, gw2, sg2_c, sg2_r, gb2, programs, wpart, bn_part, gconv, sgc_ch,
-                         sgc_i, sgc_j, gbn_w, gbn_b, CHANNEL, K, ACT, HAS_B1, HAS_B2, SPATIAL,
-                         KSIZE, HAS_BN_W, HAS_BN_B, T_BLOCK_C, T_BLOCK_R, PBLOCK, TBLOCK)
+    tasks = tail.tasks if HAS_TAIL else 0
+    if pid < tasks:
+        if HAS_TAIL:
+            param_grads_task(pid, tail)
     else:
-        pid -= tail_tasks
+        pid -= tasks
         hw_block = pid % hw_blocks
         c_block = (pid // hw_blocks) % c_blocks
         n = (pid // (hw_blocks * c_blocks)).to(tl.int64)
         c, hw, mask = _tile(c_block * BLOCK_C, hw_block * BLOCK_HW, C, HW, BLOCK_C, BLOCK_HW)
-        src = _load_tile(src_ptr, n, c, hw, mask, src_sn, src_sc, src_shw)
-        g = _grad_x1(src, n, c, hw, C, HW, sa_ptr, gp_ptr, cstar_ptr, HAS_SA, HAS_GP,
+        g = _grad_x1(_load_tile(src, n, c, hw, mask), n, c, hw, C, HW, gates, HAS_SA, HAS_GP,
                      MAX_PLANE)
         if HAS_CA:
-            g = g * _load_vec(ca_ptr + n * C, c, C)[:, None]
+            g = g * _load_vec(gates.ca + n * C, c, C)[:, None]
         if HAS_GA:
-            g = g + (_load_vec(ga_ptr + n * C, c, C) / HW)[:, None]
+            g = g + (_load_vec(gates.ga + n * C, c, C) / HW)[:, None]
         if HAS_GM:
-            is_max = hw[None, :] == _load_vec(pstar_ptr + n * C, c, C)[:, None]
-            g = g + tl.where(is_max, _load_vec(gm_ptr + n * C, c, C)[:, None], 0.0)
+            is_max = hw[None, :] == _load_vec(gates.pstar + n * C, c, C)[:, None]
+            g = g + tl.where(is_max, _load_vec(gates.gm + n * C, c, C)[:, None], 0.0)
         if HAS_RES:
-            g = g + _load_tile(res_ptr, n, c, hw, mask, res_sn, res_sc, res_shw)
+            g = g + _load_tile(res, n, c, hw, mask)
             g = tl.where(g < 0, 0.0, g)  # relu that keeps NaN, as torch.relu
-        out = out_ptr + n * out_sn + _offsets(c, hw, out_sc, out_shw)
-        tl.store(out, g.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(_tile_ptrs(out, n, c, hw), g.to(out.ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launch plans
@@ -227,14 +253,17 @@ def _hw_stride(t: Tensor) -> Optional[int]:
     return merged_hw_stride(t.shape, t.stride())
 
 
-def _as_nc_hw(t: Tensor) -> Tuple[Tensor, Tuple[int, int, int]]:
-    """``t`` (copied to contiguous if its H and W do not merge) and its (sN, sC, sHW) strides."""
+def _as_full(t: Optional[Tensor], like: Optional[Full] = None) -> Full:
+    """The :class:`Full` of ``t`` (copied to contiguous if its H and W do not merge); for a
+    None ``t``, no tensor with the strides of ``like``."""
+    if t is None:
+        return like._replace(ptr=None)
     assert t.dtype in KERNEL_DTYPES, f"Triton passes take float16/bfloat16/float32, got {t.dtype}"
     strides = _nc_hw_strides(t.shape, t.stride())
     if strides is None:
         t = t.contiguous()
         strides = _nc_hw_strides(t.shape, t.stride())
-    return t, strides
+    return Full(t, *strides)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -326,10 +355,8 @@ def _reduce(x: Tensor, over_c: bool, with_max: bool, divisor: int, split: Option
     gres = dst = None
     if out is not None:
         gres, dst = _full_output(x)
-    x, x_strides = _as_nc_hw(x)
-    gy, gy_strides = _as_nc_hw(gy) if gy is not None else (None, x_strides)
-    out, out_strides = _as_nc_hw(out) if out is not None else (None, x_strides)
-    dst, gres_strides = _as_nc_hw(dst) if dst is not None else (None, x_strides)
+    xf = _as_full(x)
+    gy, out, dst = _as_full(gy, xf), _as_full(out, xf), _as_full(dst, xf)
     length, kept = (c, h * w) if over_c else (h * w, c)
     if x.numel() == 0:  # no launch: an empty sum is 0 and an empty mean NaN, as in torch
         if with_max and n * kept > 0:
@@ -338,18 +365,18 @@ def _reduce(x: Tensor, over_c: bool, with_max: bool, divisor: int, split: Option
         maxes = (sums.clone(), sums.int()) if with_max else (None, None)
         return Partials(sums, *maxes), gres
     block_c, block_hw, kept_blocks, splits, chunk = _reduce_plan(
-        n, c, h * w, over_c, split, x_strides, gy_strides, out_strides, gres_strides)
+        n, c, h * w, over_c, split, xf[1:], gy[1:], out[1:], dst[1:])
     sums = torch.empty((splits, n, kept), dtype=torch.float32, device=x.device)
     maxes = torch.empty_like(sums) if with_max else None
     idx = torch.empty_like(sums, dtype=torch.int32) if with_max else None
     _reduce_kernel[(n * kept_blocks * splits,)](
-        x, gy, out, dst, _small(ca), _small(sa), _small(gp), _small(cstar), sums, maxes, idx,
-        n, c, h * w, divisor, kept_blocks, splits, chunk, *x_strides, *gy_strides, *out_strides,
-        *gres_strides, OVER_C=over_c, WITH_MAX=with_max, HAS_CA=ca is not None,
-        HAS_GY=gy is not None, HAS_OUT=out is not None, HAS_SA=sa is not None,
-        HAS_GP=gp is not None, MAX_PLANE=0 if max_first else 1, BLOCK_C=block_c,
-        BLOCK_HW=block_hw, num_warps=_num_warps(block_c, block_hw))
-    return Partials(sums, maxes, idx), _finish(gres, dst)
+        xf, gy, out, dst, Gates(_small(ca), _small(sa), _small(gp), _small(cstar)),
+        PartialsOut(sums, maxes, idx), n, c, h * w, divisor, kept_blocks, splits, chunk,
+        OVER_C=over_c, WITH_MAX=with_max, HAS_CA=ca is not None, HAS_GY=gy.ptr is not None,
+        HAS_OUT=out.ptr is not None, HAS_SA=sa is not None, HAS_GP=gp is not None,
+        MAX_PLANE=0 if max_first else 1, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        num_warps=_num_warps(block_c, block_hw))
+    return Partials(sums, maxes, idx), _finish(gres, dst.ptr)
 
 
 # ----------------------------------------------------------------------------- the passes
@@ -405,12 +432,6 @@ def grad_input(gy: Tensor, x: Tensor, ca: Optional[Tensor], sa: Optional[Tensor]
     return _launch_gate(gy, x, ca, sa, gp, cstar, max_first, ga, gm, pstar, tail=tail)
 
 
-_NO_TAIL = ((0,) * 3 + (None,) * 4 + (None, 0, 0, None, None, 0, 0, None, 0, None, None, None,
-                                      0, 0, 0, None, None),
-            dict(CHANNEL=False, K=1, ACT=0, HAS_B1=False, HAS_B2=False, SPATIAL=False, KSIZE=1,
-                 HAS_BN_W=False, HAS_BN_B=False, T_BLOCK_C=1, T_BLOCK_R=1, PBLOCK=1, TBLOCK=1))
-
-
 def _launch_gate(src: Tensor, like: Tensor, ca: Optional[Tensor], sa: Optional[Tensor],
           gp: Optional[Tensor], cstar: Optional[Tensor], max_first: bool, ga: Optional[Tensor],
           gm: Optional[Tensor], pstar: Optional[Tensor],
@@ -424,21 +445,21 @@ def _launch_gate(src: Tensor, like: Tensor, ca: Optional[Tensor], sa: Optional[T
     if out.numel() == 0:
         assert tail is None, "no parameter gradients from an empty batch"
         return out
-    tasks, tail_args, tail_meta = (0, *_NO_TAIL) if tail is None else param_grads_launch(tail)
+    tail_args = None if tail is None else param_grads_launch(tail)
     n, c, h, w = like.shape
-    src, src_strides = _as_nc_hw(src)
-    dst, dst_strides = _as_nc_hw(dst)
-    residual, res_strides = _as_nc_hw(residual) if residual is not None else (None, src_strides)
-    block_c, block_hw = _blocks(c, h * w, dst_strides, src_strides, res_strides)
+    src, dst = _as_full(src), _as_full(dst)
+    res = _as_full(residual, src)
+    block_c, block_hw = _blocks(c, h * w, dst[1:], src[1:], res[1:])
     c_blocks, hw_blocks = cdiv(c, block_c), cdiv(h * w, block_hw)
+    tasks = 0 if tail_args is None else tail_args.tasks
     _gate_kernel[(tasks + n * c_blocks * hw_blocks,)](
-        src, residual, dst, _small(ca), _small(sa), _small(gp), _small(cstar), _small(ga),
-        _small(gm), _small(pstar), c, h * w, c_blocks, hw_blocks, *src_strides, *res_strides,
-        *dst_strides, tasks, *tail_args, HAS_CA=ca is not None, HAS_SA=sa is not None,
+        src, res, dst, Gates(_small(ca), _small(sa), _small(gp), _small(cstar), _small(ga),
+                             _small(gm), _small(pstar)),
+        c, h * w, c_blocks, hw_blocks, tail_args, HAS_CA=ca is not None, HAS_SA=sa is not None,
         HAS_GP=gp is not None, MAX_PLANE=0 if max_first else 1, HAS_GA=ga is not None,
-        HAS_GM=gm is not None, HAS_RES=residual is not None, BLOCK_C=block_c,
-        BLOCK_HW=block_hw, **tail_meta, num_warps=_num_warps(block_c, block_hw))
-    return _finish(out, dst)
+        HAS_GM=gm is not None, HAS_RES=residual is not None, HAS_TAIL=tail is not None,
+        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_num_warps(block_c, block_hw))
+    return _finish(out, dst.ptr)
 
 
 #: Whether these kernels run in Triton's interpreter (TRITON_INTERPRET=1 when first imported).
