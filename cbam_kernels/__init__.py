@@ -13,8 +13,7 @@ draws them.
 from . import finetune, models
 from .attention_maps import AttentionMaps, capture_attention
 from .ops.backend import available_backends, backend_for, describe_backends
-from .modules.cbam import CBAM
-from .modules.channel_gate import ChannelGate
+from .modules.cbam import CBAM, ChannelGate, SpatialGate
 from .conversion.convert import ConversionSummary, convert
 from .finetune import param_groups, unfreeze
 from .ops.gate import attention_gate
@@ -22,7 +21,6 @@ from .models import add_attention
 from .plotting import plot_spatial_maps
 from .conversion.revert import revert
 from .modules.se import SE
-from .modules.spatial_gate import SpatialGate
 
 __all__ = ["CBAM", "ChannelGate", "SpatialGate", "SE", "attention_gate", "convert",
            "ConversionSummary", "revert", "add_attention", "models", "finetune", "param_groups",

@@ -34,11 +34,9 @@ from torch import Tensor, nn
 
 from .conversion.recognise import OFFICIAL_POOLED_MLP, SIGMOID_OF_OUTPUT, MapSource, identify
 from .ops.torch import pipeline as pipeline_torch
-from .modules.cbam import CBAM
-from .modules.channel_gate import ChannelGate
+from .modules.cbam import CBAM, ChannelGate, SpatialGate
 from .ops.types import BatchNormState, GateConfig, GateParams
 from .reference import OfficialChannelGate
-from .modules.spatial_gate import SpatialGate
 
 
 class AttentionMaps(NamedTuple):
@@ -135,13 +133,13 @@ def _fused_reader(module: nn.Module) -> Reader:
 
     def read(args, kwargs, output):
         x = args[0] if args else kwargs["x"]
-        params, cfg, bn = GateParams(), GateConfig(), BatchNormState()
+        params = GateParams() if channel is None else channel.gate_params()
+        cfg = GateConfig() if channel is None else channel.gate_config()
+        bn = BatchNormState()
         if spatial is not None:
-            params, cfg = spatial.gate_params(), GateConfig(max_first=spatial.max_first)
-            bn = spatial.bn_state(x)._replace(num_batches_tracked=None)  # no running update
-        if channel is not None:
-            params = GateParams(*channel.gate_params()[:4], *params[4:])
-            cfg = channel.gate_config(cfg.max_first)
+            params = spatial.gate_params(params)
+            cfg = cfg._replace(max_first=spatial.max_first)
+            bn = spatial.bn_state()._replace(num_batches_tracked=None)  # no running update
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             _, ch, sp = pipeline_torch.forward(x, None, params, cfg, bn, keep=True)
         n, _, h, w = x.shape

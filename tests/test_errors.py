@@ -19,8 +19,19 @@ def module(request):
 
 
 def test_not_4d(module):
-    with pytest.raises(ValueError, match="4-D input"):
+    with pytest.raises(ValueError, match=f"{type(module).__name__} expects a 4-D input"):
         module(torch.randn(2, 8, 5))
+
+
+def test_the_op_checks_its_input_for_every_caller():
+    """attention_gate itself refuses what the modules refuse, naming itself."""
+    params = SE(8, 2).gate_params()
+    with pytest.raises(ValueError, match="attention_gate expects a 4-D input"):
+        attention_gate(torch.randn(2, 8, 5), None, params)
+    with pytest.raises(ValueError, match="built for 8 channels.*got an input with 6"):
+        attention_gate(torch.randn(2, 6, 3, 3), None, params)
+    with pytest.raises(TypeError, match="expects a torch.Tensor"):
+        attention_gate([1.0], None, params)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.complex64])
@@ -111,8 +122,8 @@ def test_empty_batch_through_the_op(device_backend, shape):
     x = torch.randn(shape, device=device_backend, requires_grad=True)
     gate = CBAM(8, 2).to(device_backend).train()
     spatial = gate.spatial_gate
-    params = GateParams(*gate.channel_gate.gate_params()[:4], *spatial.gate_params()[4:])
-    y = attention_gate(x, None, params, GateConfig(), spatial.bn_state(x))
+    params = spatial.gate_params(gate.channel_gate.gate_params())
+    y = attention_gate(x, None, params, GateConfig(), spatial.bn_state())
     y.sum().backward()
     assert y.shape == x.shape and x.grad.shape == x.shape
     assert all(p.grad is not None and not p.grad.any() for p in gate.parameters())

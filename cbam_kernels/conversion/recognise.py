@@ -20,11 +20,9 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from ..modules.cbam import CBAM
-from ..modules.channel_gate import ChannelGate
+from ..modules.cbam import CBAM, ChannelGate, SpatialGate
 from ..ops.types import ACTIVATIONS, GATES
 from ..modules.se import SE
-from ..modules.spatial_gate import SpatialGate
 
 # Class names (lower case) of activation modules that compute one of the fused functions:
 # timm's Swish and its memory-efficient SwishMe / HardSigmoidMe variants (whose backward at

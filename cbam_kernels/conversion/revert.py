@@ -19,10 +19,8 @@ from torch import nn
 
 from .. import reference
 from .adopt import adopt_tensors
-from ..modules.cbam import CBAM
-from ..modules.channel_gate import ChannelGate
+from ..modules.cbam import CBAM, ChannelGate, SpatialGate
 from .residual import FusedResidualBlock
-from ..modules.spatial_gate import SpatialGate
 
 ORIGINAL = "_cbam_kernels_original"
 

@@ -5,10 +5,8 @@ from typing import Optional
 from torch import nn
 
 from .. import reference
-from ..modules.cbam import CBAM
-from ..modules.channel_gate import ChannelGate
+from ..modules.cbam import CBAM, ChannelGate, SpatialGate
 from ..modules.se import SE
-from ..modules.spatial_gate import SpatialGate
 
 KINDS = ("se", "cbam")
 

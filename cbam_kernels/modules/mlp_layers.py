@@ -43,9 +43,3 @@ def add_layers(module: nn.Module, paths: Tuple[Path, Path], first: nn.Module,
     entries[i], entries[j] = first, second
     module.add_module(paths[0][0], nn.Sequential(*entries))
 
-
-def get_layer(module: nn.Module, path: Path) -> nn.Module:
-    """The submodule of ``module`` at ``path`` (plain dictionary lookups)."""
-    for key in path:
-        module = module._modules[key]
-    return module

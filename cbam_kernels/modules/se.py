@@ -2,7 +2,7 @@
 
 from typing import Optional, Sequence
 
-from .channel_gate import ChannelGate, hidden_width
+from .cbam import ChannelGate, hidden_width
 
 
 class SE(ChannelGate):
@@ -22,7 +22,7 @@ class SE(ChannelGate):
         hidden_channels: R, overriding C // r (e.g. timm's rounded widths).
         act: hidden activation, "relu" or "silu" (EfficientNet).
         gate: "sigmoid" or "hardsigmoid" (MobileNetV3).
-        layers: the names of the two layers (see :mod:`cbam_kernels.mlp_layers`).
+        layers: the names of the two layers (see :mod:`cbam_kernels.modules.mlp_layers`).
         linear: ``nn.Linear`` layers rather than 1x1 convs.
     """
 

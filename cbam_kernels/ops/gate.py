@@ -20,8 +20,8 @@ How a call runs depends on the backend that ``ops.backend.pipeline_for`` picks f
   returns the batch statistics and the running statistics are updated by PyTorch ops that the
   compiler fuses.
 * while exporting (``torch.export``, ``torch.onnx.export`` with either exporter,
-  ``torch.jit.trace``; see :func:`exporting`): ``ops.torch.pipeline.forward`` on every backend, so an
-  exported graph holds standard ATen ops only and translates to standard ONNX operators.
+  ``torch.jit.trace``; see :func:`exporting`): ``ops.torch.pipeline.forward`` on every backend,
+  so an exported graph holds standard ATen ops only and translates to standard ONNX operators.
 
 Autograd saves x (and the output, with a residual) plus per-(n, c) and per-(n, h, w) tensors.
 """
@@ -34,13 +34,14 @@ from torch import Tensor
 from . import backend
 from .torch import pipeline as pipeline_torch
 from .torch.passes import acc_dtype
-from .torch.small_math import update_running_stats
+from .torch.pipeline import update_running_stats
 from .types import BatchNormState, ChannelSaved, GateConfig, GateParams, SpatialSaved
 
 
 def attention_gate(x: Tensor, residual: Optional[Tensor] = None,
                    params: GateParams = GateParams(), cfg: GateConfig = GateConfig(),
-                   bn: BatchNormState = BatchNormState()) -> Tensor:
+                   bn: BatchNormState = BatchNormState(), *, name: str = "attention_gate"
+                   ) -> Tensor:
     """Apply a fused channel and/or spatial gate to ``x`` (N, C, H, W).
 
     Channel gate (given ``params.w1``/``w2``, shapes (R, C) and (C, R), biases optional): the
@@ -56,9 +57,16 @@ def attention_gate(x: Tensor, residual: Optional[Tensor] = None,
     With ``residual`` (x's shape and dtype), returns the ResNet block epilogue
     relu(gated x + residual), computed in the same pass. The result has x's shape, dtype and
     memory format.
+
+    Raises a clear error, naming ``name`` (the calling module's class), for an input the gate
+    cannot take and for a residual that does not match x (never a broadcast).
     """
+    check_input(x, params, name)
     if residual is not None:
         check_residual(x, residual)
+    if params.conv_w is not None and bn.batch_stats and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        raise ValueError(f"{name}: expected more than 1 value per channel when training the "
+                         f"spatial gate's BatchNorm, got input size {tuple(x.shape)}")
     if x.numel() == 0:
         return _empty_gate(x, residual, params, bn)
     compiling = torch.compiler.is_compiling()
@@ -84,6 +92,28 @@ def attention_gate(x: Tensor, residual: Optional[Tensor] = None,
     if torch.is_grad_enabled() and _needs_grad(x, residual, params):
         return _FusedGate.apply(x, residual, *params, pipeline, cfg, bn)
     return pipeline.forward(x, residual, params, cfg, bn)[0]
+
+
+def check_input(x: Tensor, params: GateParams, name: str) -> None:
+    """Raise a clear error, naming ``name``, for an input the fused gates cannot take: x must be
+    a floating-point (N, C, H, W) tensor, with the channel MLP's C channels, on the device of
+    the parameters."""
+    param = params.w1 if params.w1 is not None else params.conv_w
+    if (isinstance(x, Tensor) and x.dim() == 4 and x.is_floating_point()
+            and (params.w1 is None or x.shape[1] == params.w1.shape[1])
+            and (param is None or param.device == x.device)):
+        return
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} expects a floating-point input, got dtype {x.dtype}")
+    if params.w1 is not None and x.shape[1] != params.w1.shape[1]:
+        raise ValueError(f"{name} was built for {params.w1.shape[1]} channels, got an input "
+                         f"with {x.shape[1]} channels (shape {tuple(x.shape)})")
+    raise RuntimeError(f"{name}: input is on {x.device} but parameters are on {param.device}; "
+                       f"move the module with .to({str(x.device)!r})")
 
 
 def check_residual(x: Tensor, residual: Tensor) -> None:

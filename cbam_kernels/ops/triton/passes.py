@@ -253,17 +253,19 @@ def _hw_stride(t: Tensor) -> Optional[int]:
     return merged_hw_stride(t.shape, t.stride())
 
 
-def _as_full(t: Optional[Tensor], like: Optional[Full] = None) -> Full:
-    """The :class:`Full` of ``t`` (copied to contiguous if its H and W do not merge); for a
-    None ``t``, no tensor with the strides of ``like``."""
-    if t is None:
-        return like._replace(ptr=None)
+def _as_full(t: Tensor) -> Full:
+    """The :class:`Full` of ``t`` (copied to contiguous if its H and W do not merge)."""
     assert t.dtype in KERNEL_DTYPES, f"Triton passes take float16/bfloat16/float32, got {t.dtype}"
     strides = _nc_hw_strides(t.shape, t.stride())
     if strides is None:
         t = t.contiguous()
         strides = _nc_hw_strides(t.shape, t.stride())
     return Full(t, *strides)
+
+
+def _absent(like: Full) -> Full:
+    """No tensor, with the strides of ``like`` (what launch plans key on)."""
+    return Full(None, like.s_n, like.s_c, like.s_hw)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -356,7 +358,9 @@ def _reduce(x: Tensor, over_c: bool, with_max: bool, divisor: int, split: Option
     if out is not None:
         gres, dst = _full_output(x)
     xf = _as_full(x)
-    gy, out, dst = _as_full(gy, xf), _as_full(out, xf), _as_full(dst, xf)
+    none = _absent(xf)
+    gy = none if gy is None else _as_full(gy)
+    out, dst = (none, none) if out is None else (_as_full(out), _as_full(dst))
     length, kept = (c, h * w) if over_c else (h * w, c)
     if x.numel() == 0:  # no launch: an empty sum is 0 and an empty mean NaN, as in torch
         if with_max and n * kept > 0:
@@ -448,7 +452,7 @@ def _launch_gate(src: Tensor, like: Tensor, ca: Optional[Tensor], sa: Optional[T
     tail_args = None if tail is None else param_grads_launch(tail)
     n, c, h, w = like.shape
     src, dst = _as_full(src), _as_full(dst)
-    res = _as_full(residual, src)
+    res = _absent(src) if residual is None else _as_full(residual)
     block_c, block_hw = _blocks(c, h * w, dst[1:], src[1:], res[1:])
     c_blocks, hw_blocks = cdiv(c, block_c), cdiv(h * w, block_hw)
     tasks = 0 if tail_args is None else tail_args.tasks
