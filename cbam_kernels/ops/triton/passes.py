@@ -40,7 +40,7 @@ from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
 from ..types import KERNEL_DTYPES, ParamGrads, Partials, merged_hw_stride
-from .common import cdiv
+from .common import cdiv, next_pow2
 from .param_grads import param_grads_launch, param_grads_task
 
 TILE = 4096             # elements per program tile
@@ -310,8 +310,8 @@ def _blocks(c: int, hw: int, *strides: Tuple[int, int, int]) -> Tuple[int, int]:
     c_fastest = [_c_fastest(st) for st in strides]
     fast_max = FAST_BLOCK_MAX if len(set(c_fastest)) == 1 else MIXED_BLOCK_MAX
     fast, slow = (c, hw) if c_fastest[0] else (hw, c)
-    block_fast = min(triton.next_power_of_2(fast), fast_max)
-    block_slow = min(triton.next_power_of_2(slow), TILE // block_fast)
+    block_fast = min(next_pow2(fast), fast_max)
+    block_slow = min(next_pow2(slow), TILE // block_fast)
     return (block_fast, block_slow) if c_fastest[0] else (block_slow, block_fast)
 
 
@@ -333,7 +333,7 @@ def _reduce_plan(n: int, c: int, hw: int, over_c: bool, split: Optional[int],
     if split is None:
         split = min(cdiv(TARGET_PROGRAMS, n * kept_blocks), cdiv(length, step))
     split = max(1, min(split, length))
-    step = min(step, triton.next_power_of_2(cdiv(length, split)))
+    step = min(step, next_pow2(cdiv(length, split)))
     chunk = cdiv(cdiv(length, split), step) * step
     splits = cdiv(length, chunk)
     block_c, block_hw = (step, kept_block) if over_c else (kept_block, step)
