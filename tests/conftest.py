@@ -109,7 +109,7 @@ def kernel_pipeline(request, monkeypatch):
             stack.enter_context(cuda_emulation.memory_checks())
             pipeline = Pipeline(cuda_emulation.passes)
             monkeypatch.setattr(backend, "backend_for", lambda x: "cuda")
-            monkeypatch.setattr(backend, "pipeline_named", lambda name: pipeline)
+            monkeypatch.setattr(backend, "pipeline_named", lambda name, device=None: pipeline)
         else:
             monkeypatch.setenv(ENV_VAR, name)
             pipeline = backend.pipeline_named(name)

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from cbam_kernels.ops import backend
+from cbam_kernels.ops.torch import small_kernels as torch_small_kernels
 
 # Turing (RTX 20xx, T4), A100, Ampere RTX / A-series, Ada (RTX 40xx, L4, L40), Hopper (H100,
 # H200), B200, Blackwell RTX (RTX 50xx, RTX PRO) -> what auto takes with _C built and Triton
-# installed: the measured order on sm_90, Triton first elsewhere, PyTorch where Triton does not
-# compile (its small kernels serve the CUDA backend too).
-EXPECTED = {(7, 5): "torch", (8, 0): "triton", (8, 6): "triton", (8, 9): "triton",
+# installed: the measured order on sm_90, Triton first elsewhere, the CUDA backend (with the
+# PyTorch small kernels) where Triton does not compile.
+EXPECTED = {(7, 5): "cuda", (8, 0): "triton", (8, 6): "triton", (8, 9): "triton",
             (9, 0): "cuda", (10, 0): "triton", (12, 0): "triton"}
+TRITON_ON_TURING = "does not compile for sm_75"
 
 
 @pytest.fixture
@@ -41,13 +43,54 @@ def mocked_gpu(monkeypatch, request):
     return make
 
 
+def small_kernels_of(name, device):
+    """'triton' or 'torch': the small kernels of the pipeline that runs backend ``name`` on
+    ``device`` (not built: which pair :func:`backend.pipeline_named` asks for)."""
+    if name == "torch":
+        return None
+    built = []
+    original = backend._kernel_pipeline
+    backend._kernel_pipeline = lambda name, small: built.append(small) or small
+    try:
+        backend.forget_choices()
+        backend.pipeline_named(name, device)
+    finally:
+        backend._kernel_pipeline = original
+        backend.forget_choices()
+    return built[0]
+
+
 @pytest.mark.parametrize("capability", list(EXPECTED), ids=lambda c: f"sm_{c[0]}{c[1]}")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_auto_choice_per_architecture(mocked_gpu, capability, dtype):
-    name, why = backend._choose("auto", mocked_gpu(capability), dtype)
+    """What auto takes, and the small kernels of the pipeline that runs it: Triton's wherever
+    Triton compiles, PyTorch's for the CUDA backend on sm_75 (bfloat16 included: the C++
+    kernels convert it in software there), saying why."""
+    device = mocked_gpu(capability)
+    name, why = backend._choose("auto", device, dtype)
     assert name == EXPECTED[capability], why
-    if capability < backend.TRITON_MIN_CAPABILITY:
-        assert "does not compile for sm_75" in why and "small kernels are Triton" in why
+    turing = capability < backend.TRITON_MIN_CAPABILITY
+    assert small_kernels_of(name, device) == ("torch" if turing else "triton" if name != "torch"
+                                              else None)
+    if turing:
+        assert f"triton unavailable: Triton {importlib.metadata.version('triton')} " \
+               f"{TRITON_ON_TURING}" in why
+        assert "small kernels in PyTorch: Triton " in why and why.endswith("older)")
+    else:
+        assert "small kernels" not in why
+
+
+def test_turing_without_a_kernel_image_takes_torch_and_says_why(mocked_gpu, monkeypatch):
+    """sm_75 with a _C that holds no code for it: neither kernel backend runs, each reason is
+    given."""
+    device = mocked_gpu((7, 5))
+    monkeypatch.setattr(backend, "_has_kernel_image", lambda index: False)
+    name, why = backend._choose("auto", device, torch.float16)
+    assert name == "torch"
+    assert f"triton unavailable: Triton {importlib.metadata.version('triton')} " \
+           f"{TRITON_ON_TURING}" in why
+    assert "cuda unavailable: cbam_kernels._C has no code for a mocked GPU (sm_75); rebuild " \
+           "with TORCH_CUDA_ARCH_LIST including 7.5" in why
 
 
 def test_without_the_extension_hopper_takes_triton_and_says_why(mocked_gpu):
@@ -55,25 +98,114 @@ def test_without_the_extension_hopper_takes_triton_and_says_why(mocked_gpu):
     assert name == "triton" and "cuda unavailable" in why and "no module named _C" in why
 
 
-def test_forcing_a_kernel_backend_on_turing_is_a_clear_error(mocked_gpu, monkeypatch):
+def test_without_the_extension_turing_takes_torch_and_says_why(mocked_gpu):
+    name, why = backend._choose("auto", mocked_gpu((7, 5), "no module named _C"), torch.float16)
+    assert name == "torch" and TRITON_ON_TURING in why and "no module named _C" in why
+
+
+def test_forcing_a_kernel_backend_on_turing(mocked_gpu, monkeypatch):
+    """Forcing Triton on sm_75 is a clear error; forcing the CUDA backend runs it, with the
+    PyTorch small kernels, and says so."""
     device = mocked_gpu((7, 5))
-    for name in ("cuda", "triton"):
-        monkeypatch.setenv(backend.ENV_VAR, name)
-        with pytest.raises(RuntimeError, match="does not compile for sm_75"):
-            backend._choose(name, device, torch.float16)
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match=TRITON_ON_TURING):
+        backend._choose("triton", device, torch.float16)
+    monkeypatch.setenv(backend.ENV_VAR, "cuda")
+    name, why = backend._choose("cuda", device, torch.bfloat16)
+    assert name == "cuda" and why.startswith("CBAM_KERNELS_BACKEND=cuda; small kernels in "
+                                             "PyTorch: Triton")
+    assert TRITON_ON_TURING in why and small_kernels_of(name, device) == "torch"
 
 
-def test_cuda_backend_without_triton_falls_back_with_the_reason(mocked_gpu, monkeypatch):
-    """The CUDA backend's small kernels are Triton's: without Triton installed auto must not
-    pick it (and fail at its first call), but fall back to PyTorch and say why."""
-    device = mocked_gpu((9, 0))
+def _without_triton(monkeypatch):
+    """Triton not installed (as far as the backend choice can tell)."""
     find_spec = importlib.util.find_spec
     monkeypatch.delitem(sys.modules, "triton", raising=False)
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "triton" else find_spec(name, *a))
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (8, 6), (9, 0)], ids=lambda c: f"sm_{c[0]}{c[1]}")
+def test_cuda_backend_without_triton_runs_with_the_pytorch_small_kernels(
+        mocked_gpu, monkeypatch, capability):
+    """_C built, Triton not installed: auto takes the CUDA backend, with the PyTorch small
+    kernels, and says why (before, it fell back to the torch backend)."""
+    device = mocked_gpu(capability)
+    _without_triton(monkeypatch)
     name, why = backend._choose("auto", device, torch.float16)
-    assert name == "torch" and "small kernels are Triton kernels" in why
-    assert "triton is not installed" in why
+    assert name == "cuda", why
+    assert ("triton unavailable: triton is not installed" in why) == (capability != (9, 0))
+    assert why.endswith("; small kernels in PyTorch: triton is not installed")
+    assert small_kernels_of(name, device) == "torch"
+    assert backend.available_backends()["cuda"] == \
+        "available (small kernels in PyTorch: triton is not installed)"
+
+
+def test_the_cuda_pipeline_with_pytorch_small_kernels_is_built(mocked_gpu, monkeypatch):
+    """On sm_75 the CUDA backend's pipeline is the C++ passes with ops.torch.small_kernels (built
+    without importing Triton), one pipeline object per (backend, small kernels)."""
+    device = mocked_gpu((7, 5))
+    _without_triton(monkeypatch)
+    monkeypatch.setitem(sys.modules, "triton", None)  # an import of Triton would fail
+    pipeline = backend.pipeline_named("cuda", device)
+    assert pipeline.small is torch_small_kernels
+    assert pipeline.passes is importlib.import_module("cbam_kernels.ops.cuda.passes")
+    assert backend.pipeline_named("cuda") is pipeline  # no device: the current GPU's
+    # pipeline_for reads the device and dtype only
+    fake = type("FakeCudaTensor", (), {"device": device, "dtype": torch.bfloat16})()
+    assert backend.pipeline_for(fake) is pipeline
+
+
+def test_pipelines_per_device_on_a_mixed_machine(mocked_gpu, monkeypatch):
+    """A machine with an sm_75 and an sm_86 GPU, the CUDA backend forced: each device's
+    pipeline has its own small kernels (PyTorch's on the sm_75, Triton's on the sm_86); the
+    pipeline for no particular device is the current GPU's (the sm_75's)."""
+    mocked_gpu((7, 5))
+    capabilities = {0: (7, 5), 1: (8, 6)}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: capabilities[backend._gpu_index(
+                            None if device is None else torch.device(device))])
+    monkeypatch.setenv(backend.ENV_VAR, "cuda")
+    built = []
+    monkeypatch.setattr(backend, "_kernel_pipeline",
+                        lambda name, small: built.append((name, small)) or (name, small))
+    backend.forget_choices()
+    gpus = [torch.device("cuda", i) for i in (0, 1)]
+    fakes = [type("FakeCudaTensor", (), {"device": d, "dtype": torch.float16})() for d in gpus]
+    assert [backend.pipeline_for(t) for t in fakes] == [("cuda", "torch"), ("cuda", "triton")]
+    assert [backend.pipeline_for(t) for t in fakes] == [("cuda", "torch"), ("cuda", "triton")]
+    assert len(built) == 2  # cached per device and dtype
+    assert backend.pipeline_named("cuda") == ("cuda", "torch")
+    assert [backend._choose("cuda", d, torch.float16)[1] for d in gpus] == [
+        f"CBAM_KERNELS_BACKEND=cuda; small kernels in PyTorch: Triton "
+        f"{importlib.metadata.version('triton')} {TRITON_ON_TURING} (Triton 3.3 dropped sm_75 "
+        f"and older)", "CBAM_KERNELS_BACKEND=cuda"]
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    backend.forget_choices()
+    assert [backend.pipeline_for(t) for t in fakes] == [("cuda", "torch"), ("triton", "triton")]
+
+
+def test_report_on_turing(mocked_gpu, monkeypatch, tmp_path):
+    """describe_backends() on an sm_75 with _C built for it: the CUDA backend available with
+    the PyTorch small kernels and why, and it runs every kernel dtype."""
+    mocked_gpu((7, 5))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    info = tmp_path / "build_info.json"
+    info.write_text('{"built": true, "why": "cbam_kernels._C built", "arch_list": "7.5;8.0"}')
+    monkeypatch.setattr(backend, "BUILD_INFO", str(info))
+    triton = f"Triton {importlib.metadata.version('triton')} {TRITON_ON_TURING}"
+    assert backend.available_backends()["cuda"] == \
+        f"available (small kernels in PyTorch: {triton} (Triton 3.3 dropped sm_75 and older))"
+    text = backend.describe_backends()
+    assert f"  cuda    available (small kernels in PyTorch: {triton}" in text
+    assert f"  triton  {triton}" in text
+    assert "  _C for cuda:0 (a mocked GPU, sm_75): kernel image (sm_75)" in text
+    for dtype in ("float16", "bfloat16", "float32"):
+        assert f"  cuda:0 (a mocked GPU, sm_75) {dtype}: cuda (fastest available of triton, " \
+               f"cuda on sm_75; triton unavailable: {triton}" in text
+    assert "  cuda:0 (a mocked GPU, sm_75) float64: torch" in text
 
 
 # What the default build (no GPU visible: torch's own architectures, the newest with PTX) and

@@ -90,7 +90,7 @@ def on_kernel_backend(monkeypatch):
     x = torch.randn(2, 16, 9, 9)
     expected = module(x)
 
-    def refuse(name):
+    def refuse(name, device=None):
         raise AssertionError(f"the {name} pipeline ran")
 
     monkeypatch.setattr(backend, "backend_for", lambda x: "triton")

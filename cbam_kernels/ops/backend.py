@@ -4,7 +4,9 @@ Backends:
 
 * ``cuda``   -- CUDA C++ kernels (``csrc/``, ``ops.cuda.passes.py``), when the extension
   ``cbam_kernels._C`` was built (``pip install --no-build-isolation -e .`` with nvcc) and holds
-  code for the GPU;
+  code for the GPU, whatever Triton says: its small kernels are Triton's where Triton is
+  installed and compiles for the GPU, else PyTorch's (``ops.torch.small_kernels``; on sm_75,
+  which Triton >= 3.3 dropped, or without Triton), see :func:`cuda_small_kernels`;
 * ``triton`` -- fused Triton kernels (``ops.triton.passes.py``);
 * ``torch``  -- plain PyTorch (``ops.torch.passes.py``), for any device and dtype.
 
@@ -18,7 +20,8 @@ else (CPU tensors, float64).
 dtype is made at its first call, with the variable as it is then, and cached (a dictionary
 lookup per call): after changing the variable at run time, call :func:`forget_choices`.
 :func:`pipeline_for` gives the pipeline that runs it (``ops.torch.pipeline``, or a
-``ops.kernel_pipeline.KernelPipeline`` over the backend's passes).
+``ops.kernel_pipeline.KernelPipeline`` over the backend's passes and small kernels), also a
+dictionary lookup per call.
 """
 
 import contextlib
@@ -124,7 +127,8 @@ def _has_kernel_image(index: int) -> bool:
 
 def cuda_unavailable_reason(device: Optional[torch.device] = None) -> str:
     """Why the CUDA backend cannot run on ``device`` (default: the current GPU), or ''. Its
-    full-size passes are ``_C``'s; its small kernels are the Triton ones."""
+    full-size passes are ``_C``'s: it runs where ``_C`` loads and holds code for the GPU (its
+    small kernels are Triton's or PyTorch's, :func:`cuda_small_kernels`)."""
     err = _extension_error()
     if err:
         return (f"the extension cbam_kernels._C is not built or does not load ({err}); build it "
@@ -136,10 +140,23 @@ def cuda_unavailable_reason(device: Optional[torch.device] = None) -> str:
         major, minor = torch.cuda.get_device_capability(index)
         return (f"cbam_kernels._C has no code for {torch.cuda.get_device_name(index)} "
                 f"(sm_{major}{minor}); rebuild with TORCH_CUDA_ARCH_LIST including {major}.{minor}")
-    triton_reason = triton_unavailable_reason(torch.device("cuda", index))
-    if triton_reason:
-        return f"its small kernels are Triton kernels, and {triton_reason}"
     return ""
+
+
+def cuda_small_kernels(device: Optional[torch.device] = None) -> Tuple[str, str]:
+    """The small kernels (channel MLP, spatial conv + BatchNorm, their backward) that the CUDA
+    backend runs on ``device`` (default: the current GPU), and why: ('triton', '') where the
+    Triton backend could run there, else ('torch', why Triton cannot): the PyTorch ones of
+    ``ops.torch.small_kernels``."""
+    reason = triton_unavailable_reason(device)
+    return ("torch", reason) if reason else ("triton", "")
+
+
+def _small_kernels_note(device: Optional[torch.device]) -> str:
+    """'' where the CUDA backend's small kernels on ``device`` are Triton's, else what they
+    are and why."""
+    kind, why = cuda_small_kernels(device)
+    return "" if kind == "triton" else f"small kernels in PyTorch: {why}"
 
 
 def extension_code(capability: Tuple[int, int], arch_list: str) -> str:
@@ -195,7 +212,7 @@ def _choose_cached(name: str, device: torch.device, dtype: torch.dtype,
         if reason:
             raise RuntimeError(f"{ENV_VAR}={name}, but the {name} backend is unavailable: "
                                f"{reason}")
-        return name, f"{ENV_VAR}={name}"
+        return name, _with_small_kernels(name, device, f"{ENV_VAR}={name}")
     if not fits:
         return "torch", "the kernels take CUDA tensors of dtype float16, bfloat16 or float32"
     capability = torch.cuda.get_device_capability(device)
@@ -205,18 +222,31 @@ def _choose_cached(name: str, device: torch.device, dtype: torch.dtype,
         reason = _unavailable(candidate, device)
         if not reason:
             why = f"fastest available of {', '.join(order)} on sm_{capability[0]}{capability[1]}"
-            return candidate, why + "".join(f"; {s}" for s in skipped)
+            return candidate, _with_small_kernels(candidate, device,
+                                                  why + "".join(f"; {s}" for s in skipped))
         skipped.append(f"{candidate} unavailable: {reason}")
     return "torch", "; ".join(skipped)
 
 
+def _with_small_kernels(name: str, device: torch.device, why: str) -> str:
+    """``why`` the backend ``name`` runs, with what its small kernels are when they are not
+    Triton's."""
+    note = _small_kernels_note(device) if name == "cuda" else ""
+    return f"{why}; {note}" if note else why
+
+
 _CHOSEN: Dict[Tuple[torch.device, torch.dtype], str] = {}
+_PIPELINES: Dict[Tuple[torch.device, torch.dtype], object] = {}
+_NAMED: Dict[Tuple[str, Optional[torch.device]], object] = {}
 
 
 def forget_choices() -> None:
     """Drop the cached choices, so that the next call chooses again (after what decides them
-    changed: ``CBAM_KERNELS_BACKEND``, the availability of a backend, :data:`AUTO_ORDER`)."""
+    changed: ``CBAM_KERNELS_BACKEND``, the availability of a backend or of Triton,
+    :data:`AUTO_ORDER`)."""
     _CHOSEN.clear()
+    _PIPELINES.clear()
+    _NAMED.clear()
     _choose_cached.cache_clear()
 
 
@@ -255,25 +285,51 @@ def backend_name(device: torch.device, dtype: torch.dtype) -> str:
     return _choose(requested_backend(), device, dtype)[0]
 
 
-@functools.lru_cache(maxsize=None)
-def pipeline_named(name: str) -> Union["pipeline_torch", "KernelPipeline"]:  # noqa: F821
+def pipeline_named(name: str, device: Optional[torch.device] = None
+                   ) -> Union["pipeline_torch", "KernelPipeline"]:  # noqa: F821
     """The pipeline of backend ``name``: the module ``ops.torch.pipeline``, or the
-    ``KernelPipeline`` over the backend's passes (both have ``forward`` and ``backward``)."""
-    if name == "torch":
-        return pipeline_torch
-    from .kernel_pipeline import KernelPipeline
-    return KernelPipeline(importlib.import_module(f"{__package__}.{name}.passes"))
+    ``KernelPipeline`` over the backend's passes and small kernels (both have ``forward`` and
+    ``backward``). The CUDA backend's small kernels depend on the GPU: those of
+    :func:`cuda_small_kernels` on ``device`` (default: the current GPU). Made once per (name,
+    device): a dictionary lookup per call after that."""
+    key = (name, device)
+    pipeline = _NAMED.get(key)
+    if pipeline is None:
+        if name == "torch":
+            pipeline = pipeline_torch
+        elif name == "triton":
+            pipeline = _kernel_pipeline(name, "triton")
+        else:
+            pipeline = _kernel_pipeline(name, cuda_small_kernels(device)[0])
+        _NAMED[key] = pipeline
+    return pipeline
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_pipeline(name: str, small: str) -> "KernelPipeline":  # noqa: F821
+    """The ``KernelPipeline`` over the passes of backend ``name`` and the small kernels
+    ``small`` ('triton' or 'torch'), one per pair."""
+    from .kernel_pipeline import KernelPipeline, small_kernels
+    return KernelPipeline(importlib.import_module(f"{__package__}.{name}.passes"),
+                          small_kernels(small))
 
 
 def pipeline_for(x: torch.Tensor) -> Union["pipeline_torch", "KernelPipeline"]:  # noqa: F821
-    """What runs the fused gate for ``x`` (see :func:`pipeline_named`)."""
-    return pipeline_named(backend_for(x))
+    """What runs the fused gate for ``x``: :func:`pipeline_named` of its backend and device
+    (a dictionary lookup per call once made for its device and dtype)."""
+    key = (x.device, x.dtype)
+    pipeline = _PIPELINES.get(key)
+    if pipeline is None:
+        pipeline = _PIPELINES[key] = pipeline_named(backend_for(x), x.device)
+    return pipeline
 
 
 def available_backends() -> Dict[str, str]:
     """Map each backend to 'available' or the reason it is not, for this machine (its current
-    GPU)."""
-    return {"cuda": cuda_unavailable_reason() or "available",
+    GPU). Where the CUDA backend's small kernels are PyTorch's, its entry says so and why:
+    'available (small kernels in PyTorch: ...)'."""
+    note = _small_kernels_note(None) if not cuda_unavailable_reason() else ""
+    return {"cuda": cuda_unavailable_reason() or ("available" + (f" ({note})" if note else "")),
             "triton": triton_unavailable_reason() or "available",
             "torch": "available"}
 

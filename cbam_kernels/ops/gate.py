@@ -88,7 +88,7 @@ def attention_gate(x: Tensor, residual: Optional[Tensor] = None,
             stats = out[-1]
             update_running_stats(bn, stats[0:1], stats[1:2], n * h * w)
         return out[0]
-    pipeline = backend.pipeline_named(name)
+    pipeline = backend.pipeline_named(name, x.device)
     if torch.is_grad_enabled() and _needs_grad(x, residual, params):
         return _FusedGate.apply(x, residual, *params, pipeline, cfg, bn)
     return pipeline.forward(x, residual, params, cfg, bn)[0]

@@ -1,7 +1,10 @@
-"""The fused gate on a kernel backend: full-size passes and small Triton kernels, in order.
+"""The fused gate on a kernel backend: full-size passes and small kernels, in order.
 
 The passes (``ops.triton.passes`` or ``ops.cuda.passes``) leave their reductions unfinished and the
-small kernels of ``ops.triton`` finish them, so a call launches (kernels, nothing else):
+small kernels finish them: Triton's (``ops.triton.channel_mlp``, ``ops.triton.spatial``) on both
+kernel backends where Triton serves the GPU, else, on the CUDA backend, PyTorch's
+(``ops.torch.small_kernels``: several ATen launches each). With Triton's, a call launches
+(kernels, nothing else):
 
 ==================  =====================================  =========================
 gate                forward                                backward
@@ -19,15 +22,38 @@ reduction masks gy by the ReLU.
 
 import contextlib
 from types import ModuleType
-from typing import ContextManager, Optional, Tuple
+from typing import Any, Callable, ContextManager, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .types import (BatchNormState, ChannelGrads, ChannelSaved, GateConfig, GateGrads,
                     GateParams, ParamGrads, SpatialGrads, SpatialSaved, merged_hw_stride)
-from .triton.channel_mlp import channel_mlp, mlp_backward
-from .triton.spatial import spatial_backward, spatial_gate
+
+
+class SmallKernels(NamedTuple):
+    """The small kernels of a :class:`KernelPipeline`, with the arguments and results of
+    ``ops.triton.channel_mlp`` and ``ops.triton.spatial`` (``ops.torch.small_kernels`` has the
+    same four functions)."""
+
+    channel_mlp: Callable[..., ChannelSaved]
+    mlp_backward: Callable[..., ChannelGrads]
+    spatial_gate: Callable[..., SpatialSaved]
+    spatial_backward: Callable[..., SpatialGrads]
+
+
+def small_kernels(kind: str) -> Any:
+    """The small kernels ``kind``: 'triton', a :class:`SmallKernels` of the functions of
+    ``ops.triton.channel_mlp`` and ``ops.triton.spatial`` (imports Triton), or 'torch', the
+    module ``ops.torch.small_kernels``."""
+    if kind == "triton":
+        from .triton import channel_mlp, spatial
+        return SmallKernels(channel_mlp.channel_mlp, channel_mlp.mlp_backward,
+                            spatial.spatial_gate, spatial.spatial_backward)
+    if kind == "torch":
+        from .torch import small_kernels as torch_small
+        return torch_small
+    raise ValueError(f"small kernels {kind!r}: 'triton' or 'torch'")
 
 
 def _on_device(x: Tensor) -> ContextManager:
@@ -80,10 +106,18 @@ def _laid_out_like(t: Optional[Tensor], like: Tensor, copy: Tensor) -> Optional[
 
 class KernelPipeline:
     """:func:`forward` and :func:`backward` of ``ops.torch.pipeline`` on the passes of one kernel
-    backend (``passes``: ``ops.triton.passes`` or ``ops.cuda.passes``)."""
+    backend (``passes``: ``ops.triton.passes`` or ``ops.cuda.passes``) and the small kernels
+    ``small``: anything with the four functions of :class:`SmallKernels`, as
+    :func:`small_kernels` gives them (default: ``small_kernels('triton')``)."""
 
-    def __init__(self, passes: ModuleType):
+    def __init__(self, passes: ModuleType, small: Optional[Any] = None):
         self.passes = passes
+        self.small = small_kernels("triton") if small is None else small
+        # Bound once: a call looks each up as an attribute of the pipeline.
+        self._channel_mlp = self.small.channel_mlp
+        self._mlp_backward = self.small.mlp_backward
+        self._spatial_gate = self.small.spatial_gate
+        self._spatial_backward = self.small.spatial_backward
 
     def forward(self, x: Tensor, residual: Optional[Tensor], params: GateParams,
                 cfg: GateConfig, bn: BatchNormState
@@ -94,13 +128,13 @@ class KernelPipeline:
         given, x, residual = x, _mergeable(x), _mergeable(residual)
         with _on_device(x):
             if params.w1 is not None:
-                channel = channel_mlp(self.passes.pool_hw(x, cfg.use_max), params.w1,
-                                            params.b1, params.w2, params.b2, cfg.use_avg,
-                                            cfg.use_max, cfg.act, cfg.gate)
+                channel = self._channel_mlp(self.passes.pool_hw(x, cfg.use_max), params.w1,
+                                             params.b1, params.w2, params.b2, cfg.use_avg,
+                                             cfg.use_max, cfg.act, cfg.gate)
             ca = channel.ca if channel is not None else None
             if params.conv_w is not None:
-                spatial = spatial_gate(self.passes.channel_pool(x, ca), params.conv_w,
-                                             params.bn_w, params.bn_b, bn, cfg.max_first, h, w)
+                spatial = self._spatial_gate(self.passes.channel_pool(x, ca), params.conv_w,
+                                              params.bn_w, params.bn_b, bn, cfg.max_first, h, w)
             sa = spatial.sa.view(-1, h, w) if spatial is not None else None
             y = self.passes.apply_gates(x, ca, sa, residual)
         return _laid_out_like(y, given, x), channel, spatial
@@ -118,13 +152,13 @@ class KernelPipeline:
             if spatial is not None:
                 part, gres = self.passes.grad_spatial(gy, x, ca, out)
                 gy, out = (gres, None) if gres is not None else (gy, out)
-                spatial_grads = spatial_backward(part, spatial, params.conv_w, params.bn_w,
+                spatial_grads = self._spatial_backward(part, spatial, params.conv_w, params.bn_w,
                                                        bn, h, w)
                 gp, cstar = spatial_grads.gp.view(n, 2, h, w), spatial.cstar.view(n, h, w)
             if channel is not None:
                 part, masked = self.passes.grad_channel(gy, x, sa, gp, cstar, cfg.max_first, out)
                 gy, gres = (masked, masked) if masked is not None else (gy, gres)
-                channel_grads = mlp_backward(part, channel, params.w1, params.w2,
+                channel_grads = self._mlp_backward(part, channel, params.w1, params.w2,
                                                    cfg.use_avg, cfg.use_max, cfg.act, cfg.gate)
                 ga, gm, pstar = channel_grads.ga, channel_grads.gm, channel.pstar
             work = param_grads_work(
