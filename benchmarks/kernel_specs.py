@@ -162,23 +162,38 @@ def _plain(value):
     return getattr(value, "value", value) if isinstance(value, tl_constexpr()) else value
 
 
+def nvidia_binders() -> Tuple[object, Callable[[Callable], tuple]]:
+    """(target, binder_of): an NVIDIA target (the same specialisation on every NVIDIA GPU) and
+    a function giving, for a kernel's Python function, its ``JITFunction`` and Triton's own
+    argument binder for that target (made once per kernel): what a GPU launch runs in Python
+    to choose the compiled kernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+    target = make_backend(GPUTarget("cuda", 90, 32))
+    binders = {}
+
+    def binder_of(fn: Callable) -> tuple:
+        found = binders.get(fn)
+        if found is None:
+            jit = JITFunction(fn)
+            found = binders[fn] = jit, create_function_from_signature(jit.signature, jit.params,
+                                                                      target)
+        return found
+    return target, binder_of
+
+
 @contextlib.contextmanager
 def _recording(keep: Callable[[dict], None]) -> Iterator[None]:
     """Meanwhile every ``kernel[grid](...)`` passes its specialisation to ``keep`` instead of
     running."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature
-    target = make_backend(GPUTarget("cuda", 90, 32))  # the same specialisation on every NVIDIA GPU
-    binders = {}
+    from triton.runtime.jit import KernelInterface
+    target, binder_of = nvidia_binders()
 
     def getitem(kernel, grid):
         def launch(*args, **kwargs):
             fn = kernel.fn
-            if fn not in binders:
-                jit = JITFunction(fn)
-                binders[fn] = jit, create_function_from_signature(jit.signature, jit.params, target)
-            jit, binder = binders[fn]
+            jit, binder = binder_of(fn)
             bound, specialization, options = binder(*args, **kwargs)
             options, signature, constexprs, attrs = jit._pack_args(target, kwargs, bound,
                                                                    specialization, options)

@@ -111,13 +111,13 @@ def channel_mlp(pool: Partials, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
 
 
 @triton.jit
-def _mlp_grad_kernel(gpart, S, N, C, R, saved, w1, w2, grads,
+def _mlp_grad_kernel(gpart, S, N, C, R, ca, hidden, w1, w2, grads,
                      USE_AVG: tl.constexpr, USE_MAX: tl.constexpr, ACT: tl.constexpr,
                      GATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """Sample n = program: finish gca from the partials of ``grad_channel``;
     gz = gca * gate'(ca); ghidden_k = (gz W2) * act'(hidden_k); ga / gm = ghidden_k W1. Reads ca
-    and hidden of the :class:`ChannelSaved` ``saved``, writes the :class:`ChannelGrads`
-    ``grads``; w1, w2: :class:`MlpWeight`."""
+    and hidden as :func:`channel_mlp` saved them, writes the :class:`ChannelGrads` ``grads``;
+    w1, w2: :class:`MlpWeight`."""
     n = tl.program_id(0).to(tl.int64)
     K: tl.constexpr = USE_AVG + USE_MAX
     r = tl.arange(0, BLOCK_R)
@@ -127,12 +127,12 @@ def _mlp_grad_kernel(gpart, S, N, C, R, saved, w1, w2, grads,
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
         gca = _sum_partials(gpart, S, N * C, n * C + c, c_ok)
-        gz = gca * _gate_grad(tl.load(saved.ca + n * C + c, mask=c_ok, other=0.0), GATE)
+        gz = gca * _gate_grad(tl.load(ca + n * C + c, mask=c_ok, other=0.0), GATE)
         tl.store(grads.gz + n * C + c, gz, mask=c_ok)
         w2t = _weight_tile(w2.ptr, c, r, w2.s_c, w2.s_r, c_ok[:, None] & r_ok[None, :])  # [C, R]
         acc += tl.sum(w2t * gz[:, None], 0)
-    first = tl.load(saved.hidden + n * R + r, mask=r_ok, other=0.0)
-    last = tl.load(saved.hidden + ((K - 1) * N + n) * R + r, mask=r_ok, other=0.0)
+    first = tl.load(hidden + n * R + r, mask=r_ok, other=0.0)
+    last = tl.load(hidden + ((K - 1) * N + n) * R + r, mask=r_ok, other=0.0)
     gh_first = acc * _activation_grad(first, ACT)
     gh_last = acc * _activation_grad(last, ACT)
     tl.store(grads.ghidden + n * R + r, gh_first, mask=r_ok)
@@ -160,7 +160,7 @@ def mlp_backward(grad: Partials, saved: ChannelSaved, w1: Tensor, w2: Tensor, us
     block_c, block_r = _mlp_blocks(c, r)
     grads = ChannelGrads(ga, gm, gz, ghidden)
     _mlp_grad_kernel[(n,)](
-        grad.sum, grad.sum.shape[0], n, c, r, saved, _mlp_weight(w1, 0), _mlp_weight(w2, 1),
-        grads, USE_AVG=use_avg, USE_MAX=use_max, ACT=ACT_CODES[act], GATE=GATE_CODES[gate],
-        BLOCK_C=block_c, BLOCK_R=block_r, num_warps=WARPS)
+        grad.sum, grad.sum.shape[0], n, c, r, saved.ca, saved.hidden, _mlp_weight(w1, 0),
+        _mlp_weight(w2, 1), grads, USE_AVG=use_avg, USE_MAX=use_max, ACT=ACT_CODES[act],
+        GATE=GATE_CODES[gate], BLOCK_C=block_c, BLOCK_R=block_r, num_warps=WARPS)
     return grads

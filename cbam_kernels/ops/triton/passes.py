@@ -164,9 +164,10 @@ def _reduce_kernel(x, gy, out, gres, gates, partials, N, C, HW, divisor, kept_bl
     """Partials over the range [split * chunk, (split + 1) * chunk) of the reduced axis (C when
     OVER_C, else H*W) of v = x * ca * gx1(g): sum / divisor, and with WITH_MAX the max of v and
     its first index. g = gy, or with HAS_OUT gy zeroed where out <= 0 (and written to gres).
-    x, gy, out, gres: :class:`Full`; ca, sa, gp, cstar: of the :class:`Gates` ``gates``; the
-    results go to the :class:`PartialsOut` ``partials``. ``chunk`` is a multiple of the reduced axis' block. Grid: N * kept_blocks * splits programs;
-    partials are (splits, N, K) with K the kept axis' length."""
+    x, gy, out, gres: :class:`Full` (None where the flags say absent); ca, sa, gp, cstar: of
+    the :class:`Gates` ``gates``; the results go to the :class:`PartialsOut` ``partials``.
+    ``chunk`` is a multiple of the reduced axis' block. Grid: N * kept_blocks * splits
+    programs; partials are (splits, N, K) with K the kept axis' length."""
     pid = tl.program_id(0)
     split = pid % splits
     block = (pid // splits) % kept_blocks
@@ -219,7 +220,8 @@ def _gate_kernel(src, res, out, gates, C, HW, c_blocks, hw_blocks, tail,
     """With HAS_TAIL, programs [0, tail.tasks) run the parameter-gradient tasks of the
     :class:`~.param_grads.ParamGradsTail` ``tail`` (else None). The others, one tile each
     (N * c_blocks * hw_blocks): out = gx1(src) * ca + ga / HW + gm * [hw == pstar], then
-    relu(out + res) with HAS_RES; src, res, out: :class:`Full`, the rest of :class:`Gates`."""
+    relu(out + res) with HAS_RES; src, res (None without HAS_RES), out: :class:`Full`, the
+    rest of :class:`Gates`."""
     pid = tl.program_id(0)
     tasks = tail.tasks if HAS_TAIL else 0
     if pid < tasks:
@@ -263,9 +265,10 @@ def _as_full(t: Tensor) -> Full:
     return Full(t, *strides)
 
 
-def _absent(like: Full) -> Full:
-    """No tensor, with the strides of ``like`` (what launch plans key on)."""
-    return Full(None, like.s_n, like.s_c, like.s_hw)
+def _strides(t: Optional[Full], like: Full) -> Tuple[int, int, int]:
+    """The strides of ``t``, or of ``like`` where ``t`` is absent (what launch plans key on;
+    the kernel gets None for an absent tensor, which its constexpr flags never read)."""
+    return like[1:] if t is None else t[1:]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -358,9 +361,8 @@ def _reduce(x: Tensor, over_c: bool, with_max: bool, divisor: int, split: Option
     if out is not None:
         gres, dst = _full_output(x)
     xf = _as_full(x)
-    none = _absent(xf)
-    gy = none if gy is None else _as_full(gy)
-    out, dst = (none, none) if out is None else (_as_full(out), _as_full(dst))
+    gy = None if gy is None else _as_full(gy)
+    out, dst = (None, None) if out is None else (_as_full(out), _as_full(dst))
     length, kept = (c, h * w) if over_c else (h * w, c)
     if x.numel() == 0:  # no launch: an empty sum is 0 and an empty mean NaN, as in torch
         if with_max and n * kept > 0:
@@ -369,18 +371,19 @@ def _reduce(x: Tensor, over_c: bool, with_max: bool, divisor: int, split: Option
         maxes = (sums.clone(), sums.int()) if with_max else (None, None)
         return Partials(sums, *maxes), gres
     block_c, block_hw, kept_blocks, splits, chunk = _reduce_plan(
-        n, c, h * w, over_c, split, xf[1:], gy[1:], out[1:], dst[1:])
+        n, c, h * w, over_c, split, xf[1:], _strides(gy, xf), _strides(out, xf),
+        _strides(dst, xf))
     sums = torch.empty((splits, n, kept), dtype=torch.float32, device=x.device)
     maxes = torch.empty_like(sums) if with_max else None
     idx = torch.empty_like(sums, dtype=torch.int32) if with_max else None
     _reduce_kernel[(n * kept_blocks * splits,)](
         xf, gy, out, dst, Gates(_small(ca), _small(sa), _small(gp), _small(cstar)),
         PartialsOut(sums, maxes, idx), n, c, h * w, divisor, kept_blocks, splits, chunk,
-        OVER_C=over_c, WITH_MAX=with_max, HAS_CA=ca is not None, HAS_GY=gy.ptr is not None,
-        HAS_OUT=out.ptr is not None, HAS_SA=sa is not None, HAS_GP=gp is not None,
+        OVER_C=over_c, WITH_MAX=with_max, HAS_CA=ca is not None, HAS_GY=gy is not None,
+        HAS_OUT=out is not None, HAS_SA=sa is not None, HAS_GP=gp is not None,
         MAX_PLANE=0 if max_first else 1, BLOCK_C=block_c, BLOCK_HW=block_hw,
         num_warps=_num_warps(block_c, block_hw))
-    return Partials(sums, maxes, idx), _finish(gres, dst.ptr)
+    return Partials(sums, maxes, idx), _finish(gres, None if dst is None else dst.ptr)
 
 
 # ----------------------------------------------------------------------------- the passes
@@ -452,8 +455,8 @@ def _launch_gate(src: Tensor, like: Tensor, ca: Optional[Tensor], sa: Optional[T
     tail_args = None if tail is None else param_grads_launch(tail)
     n, c, h, w = like.shape
     src, dst = _as_full(src), _as_full(dst)
-    res = _absent(src) if residual is None else _as_full(residual)
-    block_c, block_hw = _blocks(c, h * w, dst[1:], src[1:], res[1:])
+    res = None if residual is None else _as_full(residual)
+    block_c, block_hw = _blocks(c, h * w, dst[1:], src[1:], _strides(res, src))
     c_blocks, hw_blocks = cdiv(c, block_c), cdiv(h * w, block_hw)
     tasks = 0 if tail_args is None else tail_args.tasks
     _gate_kernel[(tasks + n * c_blocks * hw_blocks,)](

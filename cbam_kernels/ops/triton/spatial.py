@@ -127,14 +127,14 @@ def _block_count(p, hw_blocks, HW, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _batch_norm_kernel(stats_part, programs, hw_blocks, HW, out, bn_w, bn_b, eps, run_mean,
-                       run_var, num_batches, momentum,
+def _batch_norm_kernel(stats_part, programs, hw_blocks, HW, xhat, sa_out, stats_out, bn_w, bn_b,
+                       eps, run_mean, run_var, num_batches, momentum,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr,
                        CUMULATIVE: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr):
-    """Training BatchNorm of the conv output u (in xhat of the :class:`SpatialSaved` ``out``,
-    overwritten): every program folds the per-block (mean, M2) partials in the same fixed order
-    into the batch mean and biased variance (Chan et al.), normalises its block and writes sa.
-    Program 0 also writes stats = [mean, var, 1 / sqrt(var + eps)] and, with UPDATE, the
+    """Training BatchNorm of the conv output u (in ``xhat``, overwritten): every program folds
+    the per-block (mean, M2) partials in the same fixed order into the batch mean and biased
+    variance (Chan et al.), normalises its block and writes sa (sa_out). Program 0 also writes
+    stats_out = [mean, var, 1 / sqrt(var + eps)] and, with UPDATE, the
     running statistics as nn.BatchNorm2d:
     num_batches += 1; r = (1 - f) r + f s with f = momentum (1 / num_batches if CUMULATIVE) and
     the unbiased variance for run_var."""
@@ -160,14 +160,14 @@ def _batch_norm_kernel(stats_part, programs, hw_blocks, HW, out, bn_w, bn_b, eps
     n = (pid // hw_blocks).to(tl.int64)
     pix = (pid % hw_blocks) * BLOCK + tl.arange(0, BLOCK)
     valid = pix < HW
-    xn = (tl.load(out.xhat + n * HW + pix, mask=valid, other=0.0) - mean) * rstd
-    tl.store(out.xhat + n * HW + pix, xn, mask=valid)
+    xn = (tl.load(xhat + n * HW + pix, mask=valid, other=0.0) - mean) * rstd
+    tl.store(xhat + n * HW + pix, xn, mask=valid)
     v = xn * _scalar(bn_w, 1.0, HAS_W) + _scalar(bn_b, 0.0, HAS_B)
-    tl.store(out.sa + n * HW + pix, tl.sigmoid(v), mask=valid)
+    tl.store(sa_out + n * HW + pix, tl.sigmoid(v), mask=valid)
     if pid == 0:
-        tl.store(out.stats, mean)
-        tl.store(out.stats + 1, var)
-        tl.store(out.stats + 2, rstd)
+        tl.store(stats_out, mean)
+        tl.store(stats_out + 1, var)
+        tl.store(stats_out + 2, rstd)
         if UPDATE:
             batches = tl.load(num_batches) + 1
             tl.store(num_batches, batches)
@@ -216,7 +216,7 @@ def spatial_gate(pool: Partials, conv_w: Tensor, bn_w: Optional[Tensor], bn_b: O
     if bn.batch_stats:
         update = bn.num_batches_tracked is not None
         _batch_norm_kernel[(programs,)](
-            part, programs, hw_blocks, hw, out, bn_w, bn_b, bn.eps,
+            part, programs, hw_blocks, hw, xhat, sa, stats, bn_w, bn_b, bn.eps,
             bn.running_mean, bn.running_var, bn.num_batches_tracked,
             0.0 if bn.momentum is None else bn.momentum, HAS_W=bn_w is not None,
             HAS_B=bn_b is not None, UPDATE=update, CUMULATIVE=bn.momentum is None,
@@ -227,38 +227,38 @@ def spatial_gate(pool: Partials, conv_w: Tensor, bn_w: Optional[Tensor], bn_b: O
 # ----------------------------------------------------------------------------- backward
 
 @triton.jit
-def _sa_grad_kernel(gpart, S, N, HW, hw_blocks, saved, gv_out, bn_part, BLOCK: tl.constexpr):
+def _sa_grad_kernel(gpart, S, N, HW, hw_blocks, sa, xhat, gv_out, bn_part, BLOCK: tl.constexpr):
     """Finish gsa from the partials of ``grad_spatial``; gv = gsa * sa (1 - sa), the gradient
-    of the BatchNorm output, to gv_out; this block's (sum gv, sum gv * xhat) to bn_part[pid].
-    sa, xhat: of the :class:`SpatialSaved` ``saved``."""
+    of the BatchNorm output, to gv_out; this block's (sum gv, sum gv * xhat) to bn_part[pid]."""
     pid = tl.program_id(0)
     n = (pid // hw_blocks).to(tl.int64)
     pix = (pid % hw_blocks) * BLOCK + tl.arange(0, BLOCK)
     valid = pix < HW
     at = n * HW + pix
     gsa = _sum_partials(gpart, S, N * HW, at, valid)
-    s = tl.load(saved.sa + at, mask=valid, other=0.0)
+    s = tl.load(sa + at, mask=valid, other=0.0)
     gv = gsa * s * (1 - s)
     tl.store(gv_out + at, gv, mask=valid)
-    xh = tl.load(saved.xhat + at, mask=valid, other=0.0)
+    xh = tl.load(xhat + at, mask=valid, other=0.0)
     tl.store(bn_part + 2 * pid, tl.sum(gv, 0))
     tl.store(bn_part + 2 * pid + 1, tl.sum(gv * xh, 0))
 
 
 @triton.jit
-def _conv_grad_kernel(gv, saved, bn_part, programs, N, H, W, hw_blocks, conv, bn_w, gp_out, wpart,
+def _conv_grad_kernel(gv, xhat, p, stats, bn_part, programs, N, H, W, hw_blocks, conv, bn_w, gp_out,
+                      wpart,
                       BATCH_STATS: tl.constexpr, HAS_W: tl.constexpr, KSIZE: tl.constexpr,
                       BLOCK: tl.constexpr, SUB: tl.constexpr, TBLOCK: tl.constexpr,
                       PBLOCK: tl.constexpr):
     """gu, the gradient of the conv output (BatchNorm's backward, through the batch statistics
     in training), then for this block gp = conv_transpose(gu) (N, 2, HW) and its share of the
     conv weight gradient, sum p(shifted) * gu per tap, to wpart[pid] (2 k k). xhat, p, stats:
-    of the :class:`SpatialSaved` ``saved``; conv: :class:`ConvWeight`."""
+    as :func:`spatial_gate` saved them; conv: :class:`ConvWeight`."""
     pid = tl.program_id(0)
     HW = H * W
     n = (pid // hw_blocks).to(tl.int64)
     base = (pid % hw_blocks) * BLOCK
-    scale = _scalar(bn_w, 1.0, HAS_W) * tl.load(saved.stats + 2)
+    scale = _scalar(bn_w, 1.0, HAS_W) * tl.load(stats + 2)
     shift = 0.0
     tilt = 0.0
     if BATCH_STATS:
@@ -273,17 +273,17 @@ def _conv_grad_kernel(gv, saved, bn_part, programs, N, H, W, hw_blocks, conv, bn
         valid = pix < HW
         at = n * HW + pix
         gu = scale * (tl.load(gv + at, mask=valid, other=0.0) - shift
-                      - tl.load(saved.xhat + at, mask=valid, other=0.0) * tilt)
+                      - tl.load(xhat + at, mask=valid, other=0.0) * tilt)
         gu = tl.where(valid, gu, 0.0)
         q, inside = _neighbours(pix, valid, W, H, -dy, -dx, t_ok)
         gu_q = scale * (tl.load(gv + n * HW + q, mask=inside, other=0.0) - shift
-                        - tl.load(saved.xhat + n * HW + q, mask=inside, other=0.0) * tilt)
+                        - tl.load(xhat + n * HW + q, mask=inside, other=0.0) * tilt)
         gu_q = tl.where(inside, gu_q, 0.0)
         tl.store(gp_out + 2 * n * HW + pix, tl.sum(gu_q * w0[None, :], 1), mask=valid)
         tl.store(gp_out + (2 * n + 1) * HW + pix, tl.sum(gu_q * w1[None, :], 1), mask=valid)
         q, inside = _neighbours(pix, valid, W, H, dy, dx, t_ok)
-        acc0 += tl.sum(tl.load(saved.p + 2 * n * HW + q, mask=inside, other=0.0) * gu[:, None], 0)
-        acc1 += tl.sum(tl.load(saved.p + (2 * n + 1) * HW + q, mask=inside, other=0.0)
+        acc0 += tl.sum(tl.load(p + 2 * n * HW + q, mask=inside, other=0.0) * gu[:, None], 0)
+        acc1 += tl.sum(tl.load(p + (2 * n + 1) * HW + q, mask=inside, other=0.0)
                        * gu[:, None], 0)
     t = tl.arange(0, TBLOCK)
     TAPS: tl.constexpr = KSIZE * KSIZE
@@ -302,11 +302,11 @@ def spatial_backward(grad: Partials, saved: SpatialSaved, conv_w: Tensor, bn_w: 
     bn_part = torch.empty((programs, 2), dtype=torch.float32, device=device)
     gp = torch.empty((n, 2, hw), dtype=torch.float32, device=device)
     wpart = torch.empty((programs, 2 * taps), dtype=torch.float32, device=device)
-    _sa_grad_kernel[(programs,)](grad.sum, grad.sum.shape[0], n, hw, hw_blocks, saved, gv,
-                                 bn_part, BLOCK=PIXEL_BLOCK, num_warps=WARPS)
+    _sa_grad_kernel[(programs,)](grad.sum, grad.sum.shape[0], n, hw, hw_blocks, saved.sa,
+                                 saved.xhat, gv, bn_part, BLOCK=PIXEL_BLOCK, num_warps=WARPS)
     _conv_grad_kernel[(programs,)](
-        gv, saved, bn_part, programs, n, height, width, hw_blocks, _conv_weight(conv_w), bn_w,
-        gp, wpart, BATCH_STATS=bn.batch_stats, HAS_W=bn_w is not None,
+        gv, saved.xhat, saved.p, saved.stats, bn_part, programs, n, height, width, hw_blocks,
+        _conv_weight(conv_w), bn_w, gp, wpart, BATCH_STATS=bn.batch_stats, HAS_W=bn_w is not None,
         KSIZE=conv_w.shape[-1], BLOCK=PIXEL_BLOCK, SUB=PIXEL_SUB,
         TBLOCK=next_pow2(conv_w.shape[-1] ** 2), PBLOCK=PARTIAL_BLOCK, num_warps=WARPS)
     return SpatialGrads(gp, wpart, bn_part)
