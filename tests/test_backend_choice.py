@@ -6,10 +6,12 @@ import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import cbam_kernels
 from cbam_kernels.ops import backend
 from cbam_kernels.ops.torch import small_kernels as torch_small_kernels
 
@@ -344,3 +346,12 @@ def test_report_says_what_the_install_built(monkeypatch, tmp_path):
     assert "for TORCH_CUDA_ARCH_LIST=8.0;9.0" in backend.extension_build()
     out = subprocess.run([sys.executable, "-m", "cbam_kernels"], capture_output=True, text=True)
     assert out.returncode == 0 and "Extension: " in out.stdout, out.stderr
+
+
+def test_the_report_reads_the_record_where_setup_py_writes_it():
+    """setup.py writes build_info.json into the package's top folder (package data); the report
+    reads it from there, whichever subpackage asks."""
+    package = Path(cbam_kernels.__file__).parent
+    assert Path(backend.BUILD_INFO) == package / "build_info.json"
+    assert 'open(os.path.join("cbam_kernels", "build_info.json"), "w")' in \
+        (package.parent / "setup.py").read_text()

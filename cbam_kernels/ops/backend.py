@@ -41,7 +41,8 @@ from .types import KERNEL_DTYPES
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "CBAM_KERNELS_BACKEND"
-BUILD_INFO = os.path.join(os.path.dirname(__file__), "build_info.json")  # written by setup.py
+# Written by setup.py into the package's top folder (package data of cbam_kernels).
+BUILD_INFO = os.path.join(os.path.dirname(os.path.dirname(__file__)), "build_info.json")
 
 # Kernel backends by measured speed, fastest first, per compute capability (None: any other
 # GPU). sm_90: on an H200 (benchmarks/results/), the CUDA backend took less time than Triton in
