@@ -262,7 +262,7 @@ def _as_full(t: Tensor) -> Full:
     if strides is None:
         t = t.contiguous()
         strides = _nc_hw_strides(t.shape, t.stride())
-    return Full(t, *strides)
+    return Full._make((t, *strides))  # _make: tuple.__new__ directly (this runs per pass)
 
 
 def _strides(t: Optional[Full], like: Full) -> Tuple[int, int, int]:
