@@ -177,7 +177,7 @@ def test_pipelines_per_device_on_a_mixed_machine(mocked_gpu, monkeypatch):
     fakes = [type("FakeCudaTensor", (), {"device": d, "dtype": torch.float16})() for d in gpus]
     assert [backend.pipeline_for(t) for t in fakes] == [("cuda", "torch"), ("cuda", "triton")]
     assert [backend.pipeline_for(t) for t in fakes] == [("cuda", "torch"), ("cuda", "triton")]
-    assert len(built) == 2  # cached per device and dtype
+    assert len(built) == 2  # made once per (backend, device)
     assert backend.pipeline_named("cuda") == ("cuda", "torch")
     assert [backend._choose("cuda", d, torch.float16)[1] for d in gpus] == [
         f"CBAM_KERNELS_BACKEND=cuda; small kernels in PyTorch: Triton "

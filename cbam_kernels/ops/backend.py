@@ -237,7 +237,6 @@ def _with_small_kernels(name: str, device: torch.device, why: str) -> str:
 
 
 _CHOSEN: Dict[Tuple[torch.device, torch.dtype], str] = {}
-_PIPELINES: Dict[Tuple[torch.device, torch.dtype], object] = {}
 _NAMED: Dict[Tuple[str, Optional[torch.device]], object] = {}
 
 
@@ -246,7 +245,6 @@ def forget_choices() -> None:
     changed: ``CBAM_KERNELS_BACKEND``, the availability of a backend or of Triton,
     :data:`AUTO_ORDER`)."""
     _CHOSEN.clear()
-    _PIPELINES.clear()
     _NAMED.clear()
     _choose_cached.cache_clear()
 
@@ -317,20 +315,17 @@ def _kernel_pipeline(name: str, small: str) -> "KernelPipeline":  # noqa: F821
 
 def pipeline_for(x: torch.Tensor) -> Union["pipeline_torch", "KernelPipeline"]:  # noqa: F821
     """What runs the fused gate for ``x``: :func:`pipeline_named` of its backend and device
-    (a dictionary lookup per call once made for its device and dtype)."""
-    key = (x.device, x.dtype)
-    pipeline = _PIPELINES.get(key)
-    if pipeline is None:
-        pipeline = _PIPELINES[key] = pipeline_named(backend_for(x), x.device)
-    return pipeline
+    (two dictionary lookups per call once both are made)."""
+    return pipeline_named(backend_for(x), x.device)
 
 
 def available_backends() -> Dict[str, str]:
     """Map each backend to 'available' or the reason it is not, for this machine (its current
     GPU). Where the CUDA backend's small kernels are PyTorch's, its entry says so and why:
     'available (small kernels in PyTorch: ...)'."""
-    note = _small_kernels_note(None) if not cuda_unavailable_reason() else ""
-    return {"cuda": cuda_unavailable_reason() or ("available" + (f" ({note})" if note else "")),
+    reason = cuda_unavailable_reason()
+    note = "" if reason else _small_kernels_note(None)
+    return {"cuda": reason or ("available" + (f" ({note})" if note else "")),
             "triton": triton_unavailable_reason() or "available",
             "torch": "available"}
 

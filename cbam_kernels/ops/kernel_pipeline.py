@@ -113,11 +113,6 @@ class KernelPipeline:
     def __init__(self, passes: ModuleType, small: Optional[Any] = None):
         self.passes = passes
         self.small = small_kernels("triton") if small is None else small
-        # Bound once: a call looks each up as an attribute of the pipeline.
-        self._channel_mlp = self.small.channel_mlp
-        self._mlp_backward = self.small.mlp_backward
-        self._spatial_gate = self.small.spatial_gate
-        self._spatial_backward = self.small.spatial_backward
 
     def forward(self, x: Tensor, residual: Optional[Tensor], params: GateParams,
                 cfg: GateConfig, bn: BatchNormState
@@ -128,13 +123,14 @@ class KernelPipeline:
         given, x, residual = x, _mergeable(x), _mergeable(residual)
         with _on_device(x):
             if params.w1 is not None:
-                channel = self._channel_mlp(self.passes.pool_hw(x, cfg.use_max), params.w1,
-                                             params.b1, params.w2, params.b2, cfg.use_avg,
-                                             cfg.use_max, cfg.act, cfg.gate)
+                channel = self.small.channel_mlp(self.passes.pool_hw(x, cfg.use_max), params.w1,
+                                                 params.b1, params.w2, params.b2, cfg.use_avg,
+                                                 cfg.use_max, cfg.act, cfg.gate)
             ca = channel.ca if channel is not None else None
             if params.conv_w is not None:
-                spatial = self._spatial_gate(self.passes.channel_pool(x, ca), params.conv_w,
-                                              params.bn_w, params.bn_b, bn, cfg.max_first, h, w)
+                spatial = self.small.spatial_gate(self.passes.channel_pool(x, ca), params.conv_w,
+                                                  params.bn_w, params.bn_b, bn, cfg.max_first, h,
+                                                  w)
             sa = spatial.sa.view(-1, h, w) if spatial is not None else None
             y = self.passes.apply_gates(x, ca, sa, residual)
         return _laid_out_like(y, given, x), channel, spatial
@@ -152,14 +148,15 @@ class KernelPipeline:
             if spatial is not None:
                 part, gres = self.passes.grad_spatial(gy, x, ca, out)
                 gy, out = (gres, None) if gres is not None else (gy, out)
-                spatial_grads = self._spatial_backward(part, spatial, params.conv_w, params.bn_w,
-                                                       bn, h, w)
+                spatial_grads = self.small.spatial_backward(part, spatial, params.conv_w,
+                                                            params.bn_w, bn, h, w)
                 gp, cstar = spatial_grads.gp.view(n, 2, h, w), spatial.cstar.view(n, h, w)
             if channel is not None:
                 part, masked = self.passes.grad_channel(gy, x, sa, gp, cstar, cfg.max_first, out)
                 gy, gres = (masked, masked) if masked is not None else (gy, gres)
-                channel_grads = self._mlp_backward(part, channel, params.w1, params.w2,
-                                                   cfg.use_avg, cfg.use_max, cfg.act, cfg.gate)
+                channel_grads = self.small.mlp_backward(part, channel, params.w1, params.w2,
+                                                        cfg.use_avg, cfg.use_max, cfg.act,
+                                                        cfg.gate)
                 ga, gm, pstar = channel_grads.ga, channel_grads.gm, channel.pstar
             work = param_grads_work(
                 params, cfg.act, None if channel is None else (channel, channel_grads),
